@@ -1,0 +1,19 @@
+"""kvfuse: fused kernels for composing KV caches (re-rotate RoPE keys, compose paged KV, block-sparse
+segment attention), with pure-torch references as fallback and oracle."""
+
+from kvfuse.attention import AttentionPlan, AttentionSpec, attention, lse_from_base2, lse_to_base2, plan
+from kvfuse.compose import Composed, SourceSegment, compose, pages_needed
+from kvfuse.dispatch import BackendNotSupported, available
+from kvfuse.merge_states import merge_states
+from kvfuse.paged import PagePool, gather_kv, slots_of, write_kv_
+from kvfuse.rerotate import rerotate_
+from kvfuse.rope import RopeConfig
+from kvfuse.segments import Segment, SegmentGraph
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionPlan", "AttentionSpec", "BackendNotSupported", "Composed", "PagePool", "RopeConfig", "Segment",
+    "SegmentGraph", "SourceSegment", "attention", "available", "compose", "gather_kv", "lse_from_base2",
+    "lse_to_base2", "merge_states", "pages_needed", "plan", "rerotate_", "slots_of", "write_kv_",
+]

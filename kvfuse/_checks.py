@@ -1,0 +1,48 @@
+"""Input validation shared by the public API. Every check raises before anything is written."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(name: str, t, *, ndim=None, dtype=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in ndims:
+            raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dims, got shape {tuple(t.shape)}")
+    if dtype is not None:
+        dtypes = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+
+
+def check_cache(name: str, cache) -> None:
+    """A page pool: [num_pages, page_size, num_kv_heads, head_dim] or layer-stacked with a leading L."""
+    check_tensor(name, cache, ndim=(4, 5), dtype=FLOAT_DTYPES)
+    if not cache.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (layout [.., num_pages, page_size, num_kv_heads, head_dim])")
+
+
+def check_same_pool(name_a: str, a, name_b: str, b) -> None:
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, dtype and device, got "
+            f"{tuple(a.shape)}/{a.dtype}/{a.device} and {tuple(b.shape)}/{b.dtype}/{b.device}"
+        )
+
+
+def check_index_range(name: str, t: torch.Tensor, upper: int, what: str) -> None:
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
+        raise ValueError(f"{name} holds {what} outside [0, {upper}): min {int(t.min())}, max {int(t.max())}")
+
+
+def check_unique(name: str, t: torch.Tensor, what: str) -> None:
+    if t.numel() and torch.unique(t).numel() != t.numel():
+        raise ValueError(f"{name} holds duplicate {what}; each must appear once")

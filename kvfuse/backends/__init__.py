@@ -1,0 +1,1 @@
+"""Backend registrations. Each module registers its implementations with `kvfuse.dispatch`."""

@@ -1,0 +1,236 @@
+"""Compose several sequences' paged KV into one sequence."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from kvfuse import _ops
+from kvfuse._checks import check_cache, check_same_pool, check_unique
+from kvfuse.dispatch import choose
+from kvfuse.paged import PagePool, check_pages, slots_of
+from kvfuse.rerotate import check_rope
+from kvfuse.rope import MAX_POSITION, RopeConfig
+
+LAYOUTS = ("sequential", "shared")
+
+
+@dataclasses.dataclass
+class SourceSegment:
+    """Tokens ``[start, start + length)`` of a sequence stored in ``pages``.
+
+    Args:
+        pages: int ``[n]`` page ids of the source sequence.
+        length: number of tokens taken (0 allowed).
+        start: first token taken, within the source sequence.
+        position: RoPE position the first taken token was rotated at (the rest follow by one).
+        give_up: the caller no longer needs these pages. Only then may a segment that must move be
+            re-rotated in place and its pages reused (zero copy); otherwise it is copied.
+    """
+
+    pages: torch.Tensor
+    length: int
+    start: int = 0
+    position: int = 0
+    give_up: bool = False
+
+
+@dataclasses.dataclass
+class Composed:
+    """A composed sequence.
+
+    pages: int32 page table; length: tokens; positions: int64 ``[length]`` RoPE position of every
+    token; ranges: token range of each source segment; new_pages: destination pages written by the
+    copy; reused_pages: source pages taken over without a copy (given up or shared read-only).
+    """
+
+    pages: torch.Tensor
+    length: int
+    positions: torch.Tensor
+    ranges: list[tuple[int, int]]
+    new_pages: torch.Tensor
+    reused_pages: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Layout:
+    table: list  # list of (kind, payload): ("reuse", tensor of pages) or ("new", count)
+    copies: list  # (segment index, composed start)
+    rotations: list  # segment indices rotated in place
+    new_positions: list[int]
+    n_new: int
+
+
+def _new_positions(segments, layout, positions):
+    if positions is not None:
+        if len(positions) != len(segments):
+            raise ValueError(f"positions must give one start per segment ({len(segments)}), got {len(positions)}")
+        return [int(p) for p in positions]
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "shared":
+        return [s.position for s in segments]
+    out, cur = [], segments[0].position if segments else 0
+    for s in segments:
+        out.append(cur)
+        cur += s.length
+    return out
+
+
+def _plan_layout(segments, page_size, new_positions) -> _Layout:
+    lay = _Layout([], [], [], new_positions, 0)
+    off = 0
+    n_tail = len(segments) - 1
+    while n_tail >= 0 and segments[n_tail].length == 0:
+        n_tail -= 1
+    for i, s in enumerate(segments):
+        if s.length == 0:
+            continue
+        delta = new_positions[i] - s.position
+        aligned = s.start % page_size == 0 and off % page_size == 0
+        full = s.length % page_size == 0
+        # a shared (not given-up) segment is reused only if whole pages: appending later must not
+        # write into a page the source still owns
+        reuse = aligned and ((s.give_up and (full or i == n_tail)) or (delta == 0 and full))
+        if reuse:
+            p0 = s.start // page_size
+            lay.table.append(("reuse", s.pages[p0: p0 + -(-s.length // page_size)]))
+            if delta != 0:
+                lay.rotations.append(i)
+        else:
+            have = sum(len(p) if k == "reuse" else p for k, p in lay.table)
+            need = -(-(off + s.length) // page_size) - have
+            if need > 0:
+                lay.table.append(("new", need))
+                lay.n_new += need
+            lay.copies.append((i, off))
+        off += s.length
+    return lay
+
+
+def pages_needed(segments: Sequence[SourceSegment], page_size: int, *, layout: str = "sequential",
+                 positions=None) -> int:
+    """How many destination pages `compose` will write for these segments."""
+    return _plan_layout(list(segments), page_size, _new_positions(list(segments), layout, positions)).n_new
+
+
+def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[SourceSegment], rope: RopeConfig, *,
+            layout: str = "sequential", positions: Sequence[int] | None = None,
+            dst_pages: torch.Tensor | PagePool | None = None, backend: str | None = None) -> Composed:
+    """Concatenate segments of paged sequences into one sequence of the same pool.
+
+    Layouts: "sequential" places segment i right after segment i-1 (the first keeps its position)
+    and re-rotates the moved keys; "shared" keeps every segment's positions (no rotation; threads
+    forked from one prefix then share positions, as in parallel context windows). ``positions``
+    (first new position of each segment) overrides the layout, e.g. to insert a memory block.
+
+    Zero-copy path: a segment that starts on a page boundary of both the source and the composed
+    sequence, and either is given up or needs no rotation and fills whole pages, keeps its pages;
+    a given-up one that moves is re-rotated in place. Every other segment is gathered by one fused
+    pass (rotate K, copy V) into ``dst_pages``, densely: partly filled tail pages are compacted.
+    Sources are never modified unless given up.
+
+    Args:
+        k_cache, v_cache: pools ``[(L,) num_pages, page_size, num_kv_heads, head_dim]``. **Modified in
+            place** (destination pages, and given-up segments that move).
+        segments: `SourceSegment` list, in composed order.
+        rope: the model's `RopeConfig`.
+        dst_pages: int ``[m]`` free page ids to copy into (distinct, disjoint from every source page;
+            `pages_needed` says how many), or a `PagePool` to allocate them from.
+    Returns:
+        `Composed` (page table, length, positions, segment ranges, pages written / reused).
+
+    Example:
+        >>> import torch, kvfuse
+        >>> k, v = torch.randn(2, 8, 4, 2, 16).unbind(0)
+        >>> cfg = kvfuse.RopeConfig(head_dim=16)
+        >>> a = kvfuse.SourceSegment(torch.tensor([0, 1]), length=6)
+        >>> b = kvfuse.SourceSegment(torch.tensor([2, 3]), length=5)
+        >>> out = kvfuse.compose(k, v, [a, b], cfg, dst_pages=torch.tensor([4, 5, 6]))
+        >>> out.length, out.positions[-1].item()
+        (11, 10)
+    """
+    check_cache("k_cache", k_cache)
+    check_same_pool("k_cache", k_cache, "v_cache", v_cache)
+    check_rope(rope, k_cache.shape[-1])
+    segments = list(segments)
+    if not segments:
+        raise ValueError("segments must not be empty")
+    page_size = k_cache.shape[-3]
+    for i, s in enumerate(segments):
+        if not isinstance(s, SourceSegment):
+            raise TypeError(f"segments[{i}] must be a kvfuse.SourceSegment, got {type(s).__name__}")
+        check_pages(f"segments[{i}].pages", s.pages, k_cache)
+        if s.pages.device != k_cache.device:
+            raise ValueError(f"segments[{i}].pages must be on {k_cache.device}, got {s.pages.device}")
+        if s.start < 0 or s.length < 0 or s.start + s.length > s.pages.numel() * page_size:
+            raise ValueError(f"segments[{i}]: tokens [{s.start}, {s.start + s.length}) do not fit its "
+                             f"{s.pages.numel()} pages of {page_size}")
+        if s.position < 0 or s.position + s.length - 1 > MAX_POSITION:
+            raise ValueError(f"segments[{i}].position={s.position} must keep its positions in [0, {MAX_POSITION}]")
+    new_pos = _new_positions(segments, layout, positions)
+    for i, (s, p) in enumerate(zip(segments, new_pos)):
+        if p < 0 or p + s.length - 1 > MAX_POSITION:
+            raise ValueError(f"segment {i}: new positions [{p}, {p + s.length}) overflow [0, {MAX_POSITION}]")
+    lay = _plan_layout(segments, page_size, new_pos)
+
+    if isinstance(dst_pages, PagePool):
+        dst = dst_pages.alloc(lay.n_new) if lay.n_new else torch.empty(0, dtype=torch.int32)
+        dst = dst.to(k_cache.device)
+    elif dst_pages is None:
+        dst = torch.empty(0, dtype=torch.int32, device=k_cache.device)
+    else:
+        check_pages("dst_pages", dst_pages, k_cache)
+        dst = dst_pages.to(k_cache.device)
+    check_unique("dst_pages", dst, "page ids")
+    if dst.numel() < lay.n_new:
+        raise ValueError(f"dst_pages: this composition copies into {lay.n_new} pages, got {dst.numel()}")
+    dst = dst[: lay.n_new]
+    src_pages = torch.cat([s.pages.long() for s in segments]) if segments else dst.long()
+    if dst.numel() and bool(torch.isin(dst.long(), src_pages).any()):
+        raise ValueError("dst_pages must be disjoint from every source segment's pages")
+
+    parts, used = [], 0
+    for kind, payload in lay.table:
+        if kind == "reuse":
+            parts.append(payload.to(torch.int32))
+        else:
+            parts.append(dst[used: used + payload].to(torch.int32))
+            used += payload
+    table = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=k_cache.device)
+    check_unique("the composed page table", table, "page ids (two segments share a page)")
+
+    # everything is validated: now write. Copies read sources before any in-place rotation.
+    length = sum(s.length for s in segments)
+    if lay.copies:
+        src, dsts, deltas = [], [], []
+        for i, off in lay.copies:
+            s = segments[i]
+            src.append(slots_of(s.pages, s.start, s.length, page_size))
+            dsts.append(slots_of(table, off, s.length, page_size))
+            deltas.append(torch.full((s.length,), new_pos[i] - s.position, dtype=torch.int64))
+        cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=k_cache.device)
+        b = choose("compose_copy_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim,
+                   interleaved=rope.interleaved)
+        _ops.compose_copy_op(k_cache, v_cache, torch.cat(src), torch.cat(dsts), idx, cos, sin,
+                             rope.rotary_dim, rope.interleaved, b)
+    if lay.rotations:
+        slots, deltas = [], []
+        for i in lay.rotations:
+            s = segments[i]
+            slots.append(slots_of(s.pages, s.start, s.length, page_size))
+            deltas.append(torch.full((s.length,), new_pos[i] - s.position, dtype=torch.int64))
+        cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=k_cache.device)
+        b = choose("rerotate_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim, interleaved=rope.interleaved)
+        _ops.rerotate_op(k_cache, torch.cat(slots), idx, cos, sin, rope.rotary_dim, rope.interleaved, b)
+
+    positions_t = torch.cat([torch.arange(p, p + s.length, dtype=torch.int64) for s, p in zip(segments, new_pos)])
+    ranges, off = [], 0
+    for s in segments:
+        ranges.append((off, off + s.length))
+        off += s.length
+    reused = [p for k, p in lay.table if k == "reuse"]
+    reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
+    return Composed(table, length, positions_t.to(k_cache.device), ranges, dst, reused_t.to(k_cache.device))

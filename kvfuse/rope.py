@@ -1,0 +1,252 @@
+"""RoPE configuration shared by every backend.
+
+`RopeConfig` describes how a model rotated its keys: which dimensions rotate (``rotary_dim``), how
+pairs are formed (NeoX "rotate-half" or GPT-J "interleaved"), the base ``theta`` and the frequency
+scaling (none / linear / llama3 / YaRN). It produces the inverse frequencies and, for re-rotation, the
+small cos/sin tables of a rotation by a position *difference*.
+
+Angles are always computed in float64 from integer position differences, so moving keys by up to
+millions of positions loses no accuracy and repeated moves do not drift. The inverse frequencies
+themselves are by default rounded to float32 exactly as Hugging Face models compute them, because
+those are the frequencies the cached keys were actually rotated with (``inv_freq_dtype="float64"``
+gives the exact values instead).
+
+YaRN's attention factor (``attention_scaling``) multiplies cos/sin in the model's *original* rotation.
+A re-rotation is a pure rotation R(delta) and never applies it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MAX_POSITION = 2**31 - 1  # positions are int32-representable everywhere (kernels, HF position_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """How keys were rotated.
+
+    Args:
+        head_dim: size of one attention head.
+        rotary_dim: leading dimensions of each head that rotate (even, <= head_dim); the rest pass
+            through. ``None`` means ``head_dim``.
+        theta: RoPE base.
+        interleaved: ``False`` for NeoX / Llama "rotate-half" pairs ``(i, i + rotary_dim/2)``,
+            ``True`` for GPT-J pairs ``(2i, 2i+1)``.
+        rope_type: "default", "linear", "llama3" or "yarn".
+        factor: scaling factor (linear, llama3, yarn).
+        low_freq_factor, high_freq_factor: llama3 parameters.
+        original_max_position_embeddings: llama3 / yarn pre-training context.
+        beta_fast, beta_slow, truncate: yarn ramp parameters.
+        attention_factor: yarn's cos/sin multiplier; ``None`` derives it from ``factor`` and
+            ``mscale``/``mscale_all_dim`` as Hugging Face does.
+        inv_freq_dtype: "float32" reproduces the float32 frequency table of Hugging Face models
+            bit for bit; "float64" computes it exactly.
+
+    Example:
+        >>> cfg = RopeConfig(head_dim=128, theta=500000.0)
+        >>> cfg.inv_freq().shape
+        torch.Size([64])
+    """
+
+    head_dim: int
+    rotary_dim: int | None = None
+    theta: float = 10000.0
+    interleaved: bool = False
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    inv_freq_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"RopeConfig.head_dim must be a positive int, got {self.head_dim!r}")
+        rd = self.rotary_dim
+        if not isinstance(rd, int) or rd <= 0 or rd % 2 or rd > self.head_dim:
+            raise ValueError(
+                f"RopeConfig.rotary_dim must be an even int in [2, head_dim={self.head_dim}], got {rd!r}"
+            )
+        if not self.theta > 0:
+            raise ValueError(f"RopeConfig.theta must be > 0, got {self.theta!r}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"RopeConfig.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.rope_type != "default" and not self.factor > 0:
+            raise ValueError(f"RopeConfig.factor must be > 0 for rope_type={self.rope_type!r}")
+        if self.rope_type in ("llama3", "yarn") and self.original_max_position_embeddings is None:
+            raise ValueError(
+                f"RopeConfig.original_max_position_embeddings is required for rope_type={self.rope_type!r}"
+            )
+        if self.inv_freq_dtype not in ("float32", "float64"):
+            raise ValueError(f"RopeConfig.inv_freq_dtype must be 'float32' or 'float64', got {self.inv_freq_dtype!r}")
+
+    # ------------------------------------------------------------------ frequencies
+    def inv_freq(self) -> torch.Tensor:
+        """Inverse frequencies, float64 tensor of shape ``[rotary_dim // 2]`` (on the CPU)."""
+        return _inv_freq_cached(self)
+
+    @property
+    def attention_scaling(self) -> float:
+        """Factor the model's own rotation multiplies cos/sin by (1.0 except for YaRN)."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def get_mscale(scale, mscale=1.0):
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return float(get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim))
+        return float(get_mscale(self.factor))
+
+    def rotation_tables(self, delta: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos/sin tables of the pure rotation by each distinct position difference.
+
+        Args:
+            delta: integer tensor of position differences (any shape).
+        Returns:
+            ``(cos, sin, index)``: float32 ``[U, rotary_dim // 2]`` tables for the ``U`` distinct
+            deltas, and an int32 tensor shaped like ``delta`` that indexes them.
+        """
+        uniq, index = torch.unique(delta.to(torch.int64).cpu(), return_inverse=True)
+        ang = uniq.to(torch.float64)[:, None] * self.inv_freq()[None, :]
+        cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
+        dev = delta.device if device is None else device
+        return cos.to(dev), sin.to(dev), index.to(device=dev, dtype=torch.int32)
+
+    # ------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf(cls, config: Any, **overrides) -> RopeConfig:
+        """Build from a Hugging Face ``PretrainedConfig`` (Llama incl. llama3 scaling, Mistral,
+        Qwen2, GPT-NeoX with partial rotary, GPT-J interleaved; linear and YaRN scaling).
+
+        Works with both the ``rope_parameters`` dict of transformers 5 and the older
+        ``rope_theta`` / ``rope_scaling`` attributes. Unsupported scaling (dynamic NTK, longrope)
+        raises ``ValueError``.
+        """
+        model_type = getattr(config, "model_type", "")
+        n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        head_dim = getattr(config, "head_dim", None) or (hidden // n_heads)
+        params: dict = {}
+        rp = getattr(config, "rope_parameters", None)
+        if isinstance(rp, dict):
+            params.update(rp)
+        rs = getattr(config, "rope_scaling", None)
+        if isinstance(rs, dict):
+            for k, v in rs.items():
+                params.setdefault(k, v)
+        theta = params.get("rope_theta") or getattr(config, "rope_theta", None)
+        theta = theta or getattr(config, "rotary_emb_base", None) or 10000.0
+        rope_type = params.get("rope_type") or params.get("type") or "default"
+
+        interleaved = model_type in ("gptj", "codegen")
+        rotary_dim = head_dim
+        if model_type in ("gptj", "codegen"):
+            rotary_dim = getattr(config, "rotary_dim", None) or head_dim
+        elif model_type in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe"):
+            rotary_dim = head_dim  # these models ignore partial_rotary_factor
+        else:
+            pct = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
+            pct = pct or getattr(config, "rotary_pct", None) or 1.0
+            rotary_dim = int(head_dim * pct)
+
+        kw: dict = dict(head_dim=head_dim, rotary_dim=rotary_dim, theta=float(theta), interleaved=interleaved)
+        if rope_type == "default":
+            pass
+        elif rope_type in ("linear", "llama3", "yarn"):
+            kw["rope_type"] = rope_type
+            omax = params.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None
+            )
+            omax = omax or getattr(config, "max_position_embeddings", None)
+            factor = params.get("factor")
+            if factor is None and rope_type == "yarn":
+                factor = config.max_position_embeddings / omax
+            kw["factor"] = float(factor)
+            if rope_type == "llama3":
+                kw.update(
+                    low_freq_factor=float(params["low_freq_factor"]),
+                    high_freq_factor=float(params["high_freq_factor"]),
+                    original_max_position_embeddings=int(omax),
+                )
+            if rope_type == "yarn":
+                kw.update(
+                    original_max_position_embeddings=int(omax),
+                    beta_fast=float(params.get("beta_fast") or 32),
+                    beta_slow=float(params.get("beta_slow") or 1),
+                    truncate=bool(params.get("truncate", True)),
+                    attention_factor=params.get("attention_factor"),
+                    mscale=params.get("mscale"),
+                    mscale_all_dim=params.get("mscale_all_dim"),
+                )
+        else:
+            raise ValueError(
+                f"RopeConfig.from_hf: rope_type {rope_type!r} of model_type {model_type!r} is not supported "
+                f"(supported: {ROPE_TYPES})"
+            )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+_INV_FREQ_CACHE: dict = {}
+
+
+def _inv_freq_cached(cfg: RopeConfig) -> torch.Tensor:
+    t = _INV_FREQ_CACHE.get(cfg)
+    if t is None:
+        t = _compute_inv_freq(cfg)
+        _INV_FREQ_CACHE[cfg] = t
+    return t
+
+
+def _compute_inv_freq(cfg: RopeConfig) -> torch.Tensor:
+    """Mirrors the formulas of the Hugging Face RoPE initialisers, in the chosen precision."""
+    dt = torch.float32 if cfg.inv_freq_dtype == "float32" else torch.float64
+    dim = cfg.rotary_dim
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).to(dt) / dim
+    inv = 1.0 / (cfg.theta**exps)
+    if cfg.rope_type == "linear":
+        inv = inv / cfg.factor
+    elif cfg.rope_type == "llama3":
+        omax = cfg.original_max_position_embeddings
+        low_wl, high_wl = omax / cfg.low_freq_factor, omax / cfg.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / cfg.factor, inv)
+        smooth = (omax / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = torch.where(medium, smoothed, scaled)
+    elif cfg.rope_type == "yarn":
+
+        def corr_dim(rot):
+            return (dim * math.log(cfg.original_max_position_embeddings / (rot * 2 * math.pi))) / (
+                2 * math.log(cfg.theta)
+            )
+
+        low, high = corr_dim(cfg.beta_fast), corr_dim(cfg.beta_slow)
+        if cfg.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32).to(dt) - low) / (high - low), 0, 1)
+        extrap = 1 - ramp
+        pos_freqs = cfg.theta**exps
+        inv = (1.0 / (cfg.factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
+    return inv.to(torch.float64)

@@ -1,0 +1,1 @@
+"""Triton kernels of kvfuse (installed as ``kvfuse.triton_kernels``)."""
