@@ -110,6 +110,27 @@ def _plan_layout(segments, page_size, new_positions) -> _Layout:
     return lay
 
 
+def _page_table(segments, lay: _Layout, dst: torch.Tensor, device) -> torch.Tensor:
+    """Validate the destination pages and assemble the composed page table (int32)."""
+    check_unique("dst_pages", dst, "page ids")
+    if dst.numel() < lay.n_new:
+        raise ValueError(f"dst_pages: this composition copies into {lay.n_new} pages, got {dst.numel()}")
+    dst = dst[: lay.n_new]
+    src_pages = torch.cat([s.pages.long() for s in segments])
+    if dst.numel() and bool(torch.isin(dst.long(), src_pages).any()):
+        raise ValueError("dst_pages must be disjoint from every source segment's pages")
+    parts, used = [], 0
+    for kind, payload in lay.table:
+        if kind == "reuse":
+            parts.append(payload.to(torch.int32))
+        else:
+            parts.append(dst[used: used + payload].to(torch.int32))
+            used += payload
+    table = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=device)
+    check_unique("the composed page table", table, "page ids (two segments share a page)")
+    return table
+
+
 def pages_needed(segments: Sequence[SourceSegment], page_size: int, *, layout: str = "sequential",
                  positions=None) -> int:
     """How many destination pages `compose` will write for these segments."""
@@ -176,31 +197,21 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             raise ValueError(f"segment {i}: new positions [{p}, {p + s.length}) overflow [0, {MAX_POSITION}]")
     lay = _plan_layout(segments, page_size, new_pos)
 
-    if isinstance(dst_pages, PagePool):
-        dst = dst_pages.alloc(lay.n_new) if lay.n_new else torch.empty(0, dtype=torch.int32)
-        dst = dst.to(k_cache.device)
+    pool = dst_pages if isinstance(dst_pages, PagePool) else None
+    if pool is not None:
+        dst = pool.alloc(lay.n_new).to(k_cache.device)
     elif dst_pages is None:
         dst = torch.empty(0, dtype=torch.int32, device=k_cache.device)
     else:
         check_pages("dst_pages", dst_pages, k_cache)
         dst = dst_pages.to(k_cache.device)
-    check_unique("dst_pages", dst, "page ids")
-    if dst.numel() < lay.n_new:
-        raise ValueError(f"dst_pages: this composition copies into {lay.n_new} pages, got {dst.numel()}")
+    try:
+        table = _page_table(segments, lay, dst, k_cache.device)
+    except (ValueError, TypeError):
+        if pool is not None:
+            pool.free(dst)
+        raise
     dst = dst[: lay.n_new]
-    src_pages = torch.cat([s.pages.long() for s in segments]) if segments else dst.long()
-    if dst.numel() and bool(torch.isin(dst.long(), src_pages).any()):
-        raise ValueError("dst_pages must be disjoint from every source segment's pages")
-
-    parts, used = [], 0
-    for kind, payload in lay.table:
-        if kind == "reuse":
-            parts.append(payload.to(torch.int32))
-        else:
-            parts.append(dst[used: used + payload].to(torch.int32))
-            used += payload
-    table = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=k_cache.device)
-    check_unique("the composed page table", table, "page ids (two segments share a page)")
 
     # everything is validated: now write. Copies read sources before any in-place rotation.
     length = sum(s.length for s in segments)

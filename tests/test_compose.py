@@ -1,0 +1,161 @@
+"""compose: composed sequence against the dense oracle, zero-copy path, sources untouched, bad input."""
+
+import pytest
+import torch
+
+import kvfuse
+from kvfuse import SourceSegment
+from kvfuse.reference import compose_dense
+from tests.conftest import TOL, device_for, pool_randn, skip_unless_supported
+
+
+def _pool(num_pages, page_size, heads, dim, dtype, dev, layers=None):
+    shape = (num_pages, page_size, heads, dim) if layers is None else (layers, num_pages, page_size, heads, dim)
+    return pool_randn(shape, dtype, dev), pool_randn(shape, dtype, dev)
+
+
+def _make_segments(lengths, page_size, dev, start_pages=0, give_up=False, starts=None, positions=None):
+    """Consecutive page runs for each segment, tokens starting at `starts[i]` within them."""
+    segs, p = [], start_pages
+    for i, n in enumerate(lengths):
+        st = 0 if starts is None else starts[i]
+        npages = max(1, -(-(st + n) // page_size))
+        pages = torch.arange(p, p + npages, device=dev, dtype=torch.int32)
+        p += npages
+        pos = (positions[i] if positions else 100 * i + 7)
+        segs.append(SourceSegment(pages, n, start=st, position=pos, give_up=give_up))
+    return segs, p
+
+
+CASES = {
+    # name: (lengths, starts, page_size, give_up)
+    "misaligned": ([13, 7, 0, 20], [0, 3, 0, 5], 8, False),
+    "aligned-kept": ([16, 32, 8], None, 8, False),
+    "aligned-given-up": ([16, 32, 11], None, 8, True),
+    "page1": ([3, 4, 5], None, 1, False),
+    "tail-compaction": ([5, 5, 5, 5], None, 4, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["sequential", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layers", [None, 2], ids=["flat", "stacked2"])
+def test_compose_matches_dense_oracle(backend, case, layout, dtype, layers):
+    dev = device_for(backend)
+    lengths, starts, ps, give_up = CASES[case]
+    cfg = kvfuse.RopeConfig(head_dim=32, rotary_dim=24)
+    segs, used = _make_segments(lengths, ps, dev, give_up=give_up, starts=starts)
+    n_dst = kvfuse.pages_needed(segs, ps, layout=layout)
+    k, v = _pool(used + n_dst + 3, ps, 3, 32, dtype, dev, layers)
+    skip_unless_supported("compose_copy_", backend, k_cache=k, rotary_dim=24, interleaved=False)
+    before_k, before_v = k.clone(), v.clone()
+    src = [(s.pages, s.start, s.length, s.position) for s in segs]
+    dst = torch.arange(used, used + n_dst + 3, device=dev, dtype=torch.int32).flip(0)
+    out = kvfuse.compose(k, v, segs, cfg, layout=layout, dst_pages=dst, backend=backend)
+    assert out.length == sum(lengths)
+    firsts = [int(out.positions[a]) if b > a else 0 for a, b in out.ranges]
+    want_k, want_v = compose_dense(before_k.double(), before_v.double(), src, firsts, cfg)
+    got_k = kvfuse.gather_kv(k, out.pages, out.length)
+    got_v = kvfuse.gather_kv(v, out.pages, out.length)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got_k.double(), want_k, atol=atol, rtol=rtol)
+    assert torch.equal(got_v.double(), want_v)
+    # positions follow the layout
+    if layout == "shared":
+        for (a, b), s in zip(out.ranges, segs):
+            assert torch.equal(out.positions[a:b].cpu(), torch.arange(s.position, s.position + s.length))
+    else:
+        assert torch.equal(out.positions.cpu(), torch.arange(segs[0].position, segs[0].position + out.length))
+    # only destination pages and given-up, moved segments may change
+    changed_ok = set(out.new_pages.tolist())
+    if give_up:
+        for s in segs:
+            changed_ok |= set(s.pages.tolist())
+    for p in range(k.shape[-4]):
+        if p not in changed_ok:
+            assert torch.equal(k[..., p, :, :, :], before_k[..., p, :, :, :]), f"page {p} of k changed"
+            assert torch.equal(v[..., p, :, :, :], before_v[..., p, :, :, :]), f"page {p} of v changed"
+    # the composed page table is dense: ceil(length / page_size) pages
+    assert out.pages.numel() == -(-out.length // ps)
+
+
+def test_zero_copy_path_moves_no_data(backend):
+    """Page-aligned, given-up segments: only page tables are concatenated and keys rotated in place."""
+    dev = device_for(backend)
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    segs, used = _make_segments([8, 16, 5], 4, dev, give_up=True, positions=[0, 0, 0])
+    k, v = _pool(used + 2, 4, 2, 16, torch.float32, dev)
+    skip_unless_supported("rerotate_", backend, k_cache=k, rotary_dim=16, interleaved=False)
+    before_v = v.clone()
+    src = [(s.pages, s.start, s.length, s.position) for s in segs]
+    want_k, want_v = compose_dense(k.double(), v.double(), src, [0, 8, 24], cfg)
+    out = kvfuse.compose(k, v, segs, cfg, dst_pages=torch.tensor([used, used + 1], device=dev), backend=backend)
+    assert out.new_pages.numel() == 0
+    assert torch.equal(out.pages.cpu(), torch.cat([s.pages for s in segs]).cpu())
+    assert torch.equal(v, before_v)
+    torch.testing.assert_close(kvfuse.gather_kv(k, out.pages, 29).double(), want_k, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_pages_are_reused_not_copied():
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    prefix = SourceSegment(torch.tensor([0, 1]), 8, position=0)  # full pages, no move: shared read-only
+    thread = SourceSegment(torch.tensor([2, 3]), 6, position=8)
+    k, v = torch.randn(2, 6, 4, 1, 16).unbind(0)
+    out = kvfuse.compose(k.clone(), v.clone(), [prefix, thread], cfg, dst_pages=torch.tensor([4, 5]))
+    assert out.pages[:2].tolist() == [0, 1] and out.reused_pages.tolist() == [0, 1]
+
+
+def test_empty_composition_segment_and_all_empty():
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    k, v = torch.randn(2, 4, 4, 1, 16).unbind(0)
+    out = kvfuse.compose(k, v, [SourceSegment(torch.tensor([0]), 0)], cfg)
+    assert out.length == 0 and out.pages.numel() == 0
+
+
+def _bad_compose():
+    ok = [SourceSegment(torch.tensor([0, 1]), 6, position=0), SourceSegment(torch.tensor([2]), 3, position=0)]
+    dst = torch.tensor([3, 4, 5])
+    yield "page out of range", [SourceSegment(torch.tensor([0, 9]), 6), ok[1]], dst, ValueError, "pages"
+    yield "range exceeds pages", [SourceSegment(torch.tensor([0]), 6), ok[1]], dst, ValueError, "do not fit"
+    yield "dst overlaps source", ok, torch.tensor([2, 4, 5]), ValueError, "disjoint"
+    yield "duplicate dst", ok, torch.tensor([3, 4, 4]), ValueError, "duplicate"
+    yield "too few dst", ok, torch.tensor([4, 5]), ValueError, "copies into 3 pages"
+    yield "dst out of range", ok, torch.tensor([3, 4, 6]), ValueError, "dst_pages"
+    yield "negative position", [SourceSegment(torch.tensor([0, 1]), 6, position=-1), ok[1]], dst, ValueError, "position"
+    yield "overflow", [SourceSegment(torch.tensor([0, 1]), 6, position=2**31 - 3), ok[1]], dst, ValueError, "position"
+    yield "not a segment", [(torch.tensor([0]), 3)], dst, TypeError, "SourceSegment"
+    yield "shared page twice", [SourceSegment(torch.tensor([0]), 4, give_up=True),
+                                SourceSegment(torch.tensor([0]), 4, give_up=True)], dst, ValueError, "share"
+
+
+@pytest.mark.parametrize("name,segs,dst,exc,match", list(_bad_compose()), ids=[x[0] for x in _bad_compose()])
+def test_compose_rejects_and_leaves_pool_identical(name, segs, dst, exc, match):
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    k, v = torch.randn(2, 6, 4, 1, 16).unbind(0)
+    bk, bv = k.clone(), v.clone()
+    with pytest.raises(exc, match=match):
+        kvfuse.compose(k, v, segs, cfg, dst_pages=dst)
+    assert torch.equal(k, bk) and torch.equal(v, bv)
+
+
+def test_compose_rejects_mismatched_pools_and_layout():
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    k = torch.randn(6, 4, 1, 16)
+    seg = [SourceSegment(torch.tensor([0]), 3)]
+    with pytest.raises(ValueError, match="v_cache"):
+        kvfuse.compose(k, torch.randn(2, 6, 4, 1, 16), seg, cfg)
+    with pytest.raises(ValueError, match="layout"):
+        kvfuse.compose(k, k.clone(), seg, cfg, layout="interleaved")
+
+
+def test_compose_from_page_pool_allocates_exactly():
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    pool = kvfuse.PagePool(10, 4, 1, 16)
+    pool.k_cache.normal_()
+    pool.v_cache.normal_()
+    a, b = pool.alloc(2), pool.alloc(1)
+    segs = [SourceSegment(a, 5), SourceSegment(b, 3, position=0)]
+    free = pool.num_free
+    out = kvfuse.compose(pool.k_cache, pool.v_cache, segs, cfg, dst_pages=pool)
+    assert pool.num_free == free - out.new_pages.numel() == free - 2

@@ -1,0 +1,66 @@
+"""Backend selection: auto falls back, explicit backends explain themselves, env var honoured."""
+
+import pytest
+import torch
+
+import kvfuse
+from kvfuse import dispatch
+
+
+def _args():
+    k = torch.randn(2, 4, 1, 16)
+    s = torch.tensor([1, 2])
+    return k, s, kvfuse.RopeConfig(head_dim=16)
+
+
+def test_auto_on_cpu_uses_torch():
+    k, _, _ = _args()
+    assert dispatch.choose("rerotate_", "auto", k_cache=k, rotary_dim=16, interleaved=False) == "torch"
+
+
+def test_invalid_backend_name():
+    k, s, cfg = _args()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kvfuse.rerotate_(k, s, s, s, cfg, backend="cudnn")
+
+
+def test_explicit_unavailable_backend_lists_reasons(monkeypatch):
+    k, s, cfg = _args()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(kvfuse.BackendNotSupported, match="cuda: .+") as ei:
+        kvfuse.rerotate_(k, s, s, s, cfg, backend="cuda")
+    assert "rerotate_" in str(ei.value)
+
+
+def test_env_var_selects_backend(monkeypatch):
+    k, s, cfg = _args()
+    monkeypatch.setenv("KVFUSE_BACKEND", "cuda")
+    with pytest.raises(kvfuse.BackendNotSupported):
+        kvfuse.rerotate_(k, s, s, s, cfg)
+    monkeypatch.setenv("KVFUSE_BACKEND", "torch")
+    kvfuse.rerotate_(k, s, s, s, cfg)
+
+
+def test_available_reports_every_backend():
+    k, _, _ = _args()
+    av = kvfuse.available("rerotate_", k_cache=k, rotary_dim=16, interleaved=False)
+    assert set(av) == {"cuda", "triton", "torch"} and av["torch"] == []
+
+
+def test_ops_are_registered_with_torch_library():
+    for name in ("rerotate_", "compose_copy_", "segment_attention", "merge_states"):
+        assert hasattr(torch.ops.kvfuse, name)
+
+
+def test_rerotate_under_torch_compile():
+    k, s, cfg = _args()
+    want = k.clone()
+    kvfuse.rerotate_(want, s, s, s + 3, cfg)
+    cos, sin, idx = cfg.rotation_tables(torch.full((2,), 3))
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(kc):
+        torch.ops.kvfuse.rerotate_(kc, s, idx, cos, sin, 16, False, "torch")
+        return kc
+
+    assert torch.equal(f(k), want)
