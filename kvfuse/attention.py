@@ -211,7 +211,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, c, ndim=4, dtype=q.dtype, device=q.device)
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
     _, page_size, hkv, d = k_cache.shape
     total_q, hq, dq = q.shape
     if dq != d:

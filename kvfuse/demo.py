@@ -98,7 +98,7 @@ def main(argv=None):
         n_dst = kvfuse.pages_needed(segs, args.page_size, layout=layout)
         dst = pool.alloc(n_dst)
 
-        def merge():
+        def merge(segs=segs, layout=layout, dst=dst):
             return kvfuse.compose(pool.k_cache, pool.v_cache, segs, rope, layout=layout, dst_pages=dst,
                                   backend=args.backend)
 
@@ -106,7 +106,7 @@ def main(argv=None):
         mask = graph.dense_mask().to(dev)
         add = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, torch.finfo(dtype).min)
 
-        def reprefill():
+        def reprefill(composed=composed, add=add):
             with torch.no_grad():
                 return model(all_ids[None], position_ids=composed.positions[None], attention_mask=add[None, None],
                              use_cache=True)

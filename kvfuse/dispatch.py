@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 
 PRIORITY = ("cuda", "triton", "torch")
-_BACKEND_MODULES = {"triton": "kvfuse.backends.triton", "cuda": "kvfuse.backends.cuda", "torch": "kvfuse.backends.torch"}
+_BACKEND_MODULES = {b: f"kvfuse.backends.{b}" for b in PRIORITY}
 
 
 class BackendNotSupported(RuntimeError):

@@ -110,9 +110,9 @@ def _compose_and_compare(arch, layout):
         return
     for layer, (rk, rv) in enumerate(ref_kv):
         torch.testing.assert_close(got_k[layer], rk[0, :, :n].transpose(0, 1), atol=2e-5, rtol=2e-5,
-                                   msg=lambda m: f"layer {layer} K: {m}")
+                                   msg=f"layer {layer} K")
         torch.testing.assert_close(got_v[layer], rv[0, :, :n].transpose(0, 1), atol=2e-5, rtol=2e-5,
-                                   msg=lambda m: f"layer {layer} V: {m}")
+                                   msg=f"layer {layer} V")
 
     # continue from the composed cache: the continuation sees everything, so no mask is needed
     cache = cache_from([(got_k[i].transpose(0, 1)[None], got_v[i].transpose(0, 1)[None]) for i in range(n_layers)],
@@ -142,7 +142,8 @@ def test_naive_concatenation_is_not_exact():
     prefix_ids = torch.randint(0, cfg.vocab_size, (PREFIX,), generator=g)
     thread_ids = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in THREADS]
     prefix_kv, threads_kv = _prefill_threads(model, prefix_ids, thread_ids)
-    graph = SegmentGraph([Segment("prefix", PREFIX)] + [Segment(f"t{i}", n, ("prefix",)) for i, n in enumerate(THREADS)])
+    graph = SegmentGraph([Segment("prefix", PREFIX)]
+                         + [Segment(f"t{i}", n, ("prefix",)) for i, n in enumerate(THREADS)])
     positions = torch.arange(graph.num_tokens)
     with torch.no_grad():
         ref = model(torch.cat([prefix_ids, *thread_ids])[None], position_ids=positions[None],

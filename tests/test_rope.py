@@ -24,7 +24,8 @@ HF_CONFIGS = {
     "llama3": lambda: _llama_like("LlamaConfig", rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=256)),
-    "llama-linear": lambda: _llama_like("LlamaConfig", rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=4.0)),
+    "llama-linear": lambda: _llama_like("LlamaConfig",
+                                        rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=4.0)),
     "llama-yarn": lambda: _llama_like("LlamaConfig", rope_parameters=dict(
         rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=1024)),
     "mistral": lambda: _llama_like("MistralConfig", rope_theta=1e6, head_dim=32, hidden_size=96, num_attention_heads=3,

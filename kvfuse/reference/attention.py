@@ -35,7 +35,8 @@ def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, toke
         ktok = torch.arange(n, device=q.device)
         seg = token_seg[b, :n].long()
         qs, ks = seg[qtok], seg[ktok]
-        mask = ancestors[b].bool()[qs[:, None], ks[None, :]] | ((qs[:, None] == ks[None, :]) & (ktok[None] <= qtok[:, None]))
+        causal = (qs[:, None] == ks[None, :]) & (ktok[None] <= qtok[:, None])
+        mask = ancestors[b].bool()[qs[:, None], ks[None, :]] | causal
         scores = torch.einsum("qhd,khd->hqk", q[q0:q1].to(cdt), k) * sm_scale
         scores = scores.masked_fill(~mask[None], float("-inf"))
         m = scores.amax(-1, keepdim=True)
