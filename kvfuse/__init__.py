@@ -17,3 +17,7 @@ __all__ = [
     "SegmentGraph", "SourceSegment", "attention", "available", "compose", "gather_kv", "lse_from_base2",
     "lse_to_base2", "merge_states", "pages_needed", "plan", "rerotate_", "slots_of", "write_kv_",
 ]
+
+from kvfuse.threads import BatchPlan, PagedKVStore, SegmentInfo, Sequence, batch_plan, fork, merge  # noqa: E402
+
+__all__ += ["BatchPlan", "PagedKVStore", "Sequence", "SegmentInfo", "batch_plan", "fork", "merge"]

@@ -1,0 +1,581 @@
+"""Threads over a paged KV store: fork a prefix, decode the threads as one batch, merge, continue.
+
+`PagedKVStore` holds the K/V of every layer of a model in layer-stacked page pools
+(``[num_layers, num_pages, page_size, num_kv_heads, head_dim]``, "NHD") with reference-counted pages:
+a page is returned to the free list when its last owner lets go, and running out of pages raises
+``RuntimeError`` before anything is written.
+
+A `Sequence` is a page table plus a list of segments (the `SegmentGraph` of what each token sees) and
+the RoPE position of every token. ``fork(prefix, n)`` makes ``n`` threads that share the prefix's pages
+without copying. A thread never writes into a page it shares: its first token starts a fresh page
+(the unused rest of the prefix's last page becomes a *pad* segment, which no token sees), and
+appending to a sequence whose partly filled last page is shared copies that page first
+(copy-on-write). ``merge(threads, layout)`` composes the threads into one sequence with
+`kvfuse.compose` (page tables are concatenated; a thread's pages are re-rotated in place only when it
+is given up and no one else holds them, otherwise its tokens are copied) and opens an empty
+continuation segment that sees everything.
+
+What the layouts mean (the exactness the tests check):
+
+* ``"shared"``: threads keep their positions (every thread starts right after the prefix, the
+  continuation after the longest thread). The composed cache is exactly the cache of one forward pass
+  over the composed tokens with the segment mask and those positions, at every layer, so the
+  continuation is exact against that masked re-prefill.
+* ``"sequential"``: thread i is moved after thread i-1 by re-rotating its keys. That is exact for
+  layer 0 (whose K/V depend on the token alone) and for the first thread (which does not move); the
+  deeper layers of moved threads still encode their original distance to the prefix, so the
+  composed cache is *not* the cache of a re-prefill at the new positions. It is exactly "each thread's
+  own cache with its keys rotated to the new positions", which is what the tests compare against.
+
+Model-independent: the model-facing side (batched decoding through Hugging Face models) is in
+`kvfuse.integrations.hf`.
+
+Example:
+    >>> import torch, kvfuse
+    >>> store = kvfuse.PagedKVStore(num_layers=2, num_pages=16, page_size=4, num_kv_heads=1, head_dim=8,
+    ...                             rope=kvfuse.RopeConfig(head_dim=8))
+    >>> prefix = store.sequence()
+    >>> _ = prefix.append_kv(torch.randn(2, 6, 1, 8), torch.randn(2, 6, 1, 8))
+    >>> threads = kvfuse.fork(prefix, 3)
+    >>> for t in threads:
+    ...     _ = t.append_kv(torch.randn(2, 5, 1, 8), torch.randn(2, 5, 1, 8))
+    >>> merged = kvfuse.merge(threads, layout="shared")
+    >>> merged.num_tokens, merged.next_position
+    (21, 11)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence as _Seq
+
+import torch
+
+from kvfuse.attention import AttentionPlan, AttentionSpec, plan
+from kvfuse.compose import SourceSegment, compose, pages_needed
+from kvfuse.paged import gather_kv, slot_view
+from kvfuse.rope import RopeConfig
+from kvfuse.segments import Segment, SegmentGraph
+
+__all__ = ["PagedKVStore", "Sequence", "SegmentInfo", "BatchPlan", "fork", "merge", "batch_plan"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentInfo:
+    """One segment of a `Sequence`: ``length`` tokens at RoPE positions ``position, position + 1, ...``.
+
+    ``parents`` name the segments it sees entirely; ``pad`` marks storage filler that no token sees
+    (the unused rest of a page before a page-aligned segment); a pad's position is meaningless.
+    """
+
+    name: str
+    length: int
+    parents: tuple[str, ...] = ()
+    position: int = 0
+    pad: bool = False
+
+
+class PagedKVStore:
+    """Layer-stacked paged K/V for all layers of a model, with reference-counted pages.
+
+    Args:
+        num_layers, num_pages, page_size, num_kv_heads, head_dim: pool shape; ``k_cache`` and
+            ``v_cache`` are ``[num_layers, num_pages, page_size, num_kv_heads, head_dim]``.
+        rope: the model's `RopeConfig` (needed by `merge` and by memory blocks).
+        dtype, device: of the pools. They start zeroed (unused slots never hold NaN).
+
+    Pages: ``alloc(n)`` hands out ``n`` pages with one reference each (``RuntimeError`` when fewer
+    than ``n`` are free; nothing is taken then), ``incref``/``decref`` add and drop references, and a
+    page whose count reaches zero is free again.
+
+    Example:
+        >>> store = PagedKVStore(num_layers=2, num_pages=4, page_size=16, num_kv_heads=2, head_dim=64)
+        >>> pages = store.alloc(3)
+        >>> store.incref(pages[:1]); store.decref(pages); store.num_free  # pages[0] is still held once
+        3
+    """
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
+                 rope: RopeConfig | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
+        if min(num_layers, num_pages, page_size, num_kv_heads, head_dim) <= 0:
+            raise ValueError("PagedKVStore: every dimension must be positive")
+        if rope is not None and rope.head_dim != head_dim:
+            raise ValueError(f"rope.head_dim={rope.head_dim} does not match head_dim={head_dim}")
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.rope = rope
+        self.page_size = page_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.refcount = [0] * num_pages
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._names = itertools.count()
+
+    @classmethod
+    def from_hf(cls, config, num_pages: int, page_size: int = 16, *, dtype: torch.dtype | None = None,
+                device="cpu") -> PagedKVStore:
+        """A store shaped for a Hugging Face ``PretrainedConfig`` (layers, KV heads, head_dim, RoPE)."""
+        n_heads = config.num_attention_heads
+        hkv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        dtype = dtype or getattr(config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return cls(config.num_hidden_layers, num_pages, page_size, hkv, head_dim,
+                   rope=RopeConfig.from_hf(config), dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ pages
+    @property
+    def num_pages(self) -> int:
+        return len(self.refcount)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_cache.device
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def alloc(self, n: int) -> torch.Tensor:
+        """``n`` free pages (int32 ``[n]``), each with one reference. All or nothing."""
+        if n > len(self._free):
+            raise RuntimeError(f"PagedKVStore: out of pages: {n} needed, {len(self._free)} of {self.num_pages} free "
+                               f"(page_size {self.page_size}); release sequences or make a larger store")
+        ids = [self._free.pop() for _ in range(n)]
+        for i in ids:
+            self.refcount[i] = 1
+        return torch.tensor(ids, dtype=torch.int32, device=self.device)
+
+    def incref(self, pages) -> None:
+        ids = _ids(pages)
+        for i in ids:
+            if self.refcount[i] <= 0:
+                raise ValueError(f"PagedKVStore.incref: page {i} is not allocated")
+        for i in ids:
+            self.refcount[i] += 1
+
+    def decref(self, pages) -> None:
+        """Drop one reference of each page; a page whose count reaches zero is free again."""
+        ids = _ids(pages)
+        for i in ids:
+            if self.refcount[i] <= 0:
+                raise ValueError(f"PagedKVStore.decref: page {i} is not allocated")
+        for i in ids:
+            self.refcount[i] -= 1
+            if self.refcount[i] == 0:
+                self._free.append(i)
+
+    free = decref
+
+    # ------------------------------------------------------------------ sequences
+    def sequence(self, name: str = "seq", *, position: int = 0) -> Sequence:
+        """A new empty sequence whose first token will sit at RoPE ``position``."""
+        return Sequence(self, [], [SegmentInfo(self.unique_name(name), 0, (), position)])
+
+    def unique_name(self, hint: str) -> str:
+        return f"{hint}#{next(self._names)}"
+
+    def write_(self, layer: int | None, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V of tokens into ``slots`` (int64 ``[n]``). ``k``/``v``: ``[n, Hkv, D]`` for one
+        ``layer``, or ``[num_layers, n, Hkv, D]`` with ``layer=None``. Modifies the pools in place."""
+        if layer is None:
+            kv, vv = slot_view(self.k_cache), slot_view(self.v_cache)
+        else:
+            kv, vv = slot_view(self.k_cache[layer])[0], slot_view(self.v_cache[layer])[0]
+        if k.shape != v.shape or k.dim() != kv.dim() or k.shape[-2:] != kv.shape[-2:] or k.shape[-3] != slots.numel():
+            raise ValueError(f"k/v must be {'[n' if layer is not None else '[num_layers, n'}, {kv.shape[-2]}, "
+                             f"{kv.shape[-1]}] with n = {slots.numel()}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        kv[..., slots, :, :] = k.to(self.k_cache.dtype)
+        vv[..., slots, :, :] = v.to(self.v_cache.dtype)
+
+
+def _ids(pages) -> list[int]:
+    return pages.tolist() if isinstance(pages, torch.Tensor) else [int(p) for p in pages]
+
+
+class Sequence:
+    """A paged sequence in a `PagedKVStore`: page table, segments, positions. Made by
+    `PagedKVStore.sequence`, `fork` and `merge`; holds one reference to each of its pages until
+    `release`.
+
+    Token ``t`` (in storage order, pads included) lives in slot ``pages[t // page_size] * page_size +
+    t % page_size``. New tokens go to the last segment.
+    """
+
+    def __init__(self, store: PagedKVStore, pages: list[int], segments: list[SegmentInfo]):
+        self.store = store
+        self.pages = list(pages)
+        self.segments = list(segments)
+        self.released = False
+
+    # ------------------------------------------------------------------ views
+    @property
+    def length(self) -> int:
+        """Tokens in storage order, pads included (the KV length attention runs over)."""
+        return sum(s.length for s in self.segments)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens (pads excluded)."""
+        return sum(s.length for s in self.segments if not s.pad)
+
+    @property
+    def next_position(self) -> int:
+        """RoPE position of the next token appended (after the last token of the last segment)."""
+        s = self.segments[-1]
+        return s.position + s.length
+
+    def page_table(self) -> torch.Tensor:
+        """int32 ``[num_pages]`` page ids, on the store's device."""
+        return torch.tensor(self.pages, dtype=torch.int32, device=self.store.device)
+
+    def graph(self) -> SegmentGraph:
+        """The `SegmentGraph` over all stored tokens (pads included: no token sees them)."""
+        return SegmentGraph([Segment(s.name, s.length, s.parents) for s in self.segments])
+
+    def token_graph(self) -> SegmentGraph:
+        """The `SegmentGraph` of the real tokens only (pads removed): the mask a re-prefill uses."""
+        return SegmentGraph([Segment(s.name, s.length, tuple(p for p in s.parents if not self._is_pad(p)))
+                             for s in self.segments if not s.pad])
+
+    def _is_pad(self, name: str) -> bool:
+        return any(s.pad and s.name == name for s in self.segments)
+
+    def positions(self, include_pads: bool = False) -> torch.Tensor:
+        """int64 RoPE position of every real token (or every stored token, pads as -1)."""
+        parts = []
+        for s in self.segments:
+            if s.pad:
+                if include_pads:
+                    parts.append(torch.full((s.length,), -1, dtype=torch.int64))
+            else:
+                parts.append(torch.arange(s.position, s.position + s.length, dtype=torch.int64))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def token_index(self) -> torch.Tensor:
+        """int64 storage index of every real token, in order."""
+        parts, off = [], 0
+        for s in self.segments:
+            if not s.pad:
+                parts.append(torch.arange(off, off + s.length))
+            off += s.length
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def gather(self, include_pads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous copies ``(K, V)``, each ``[num_layers, n, Hkv, D]`` (post-RoPE keys)."""
+        self._check_live()
+        k = gather_kv(self.store.k_cache, self.page_table(), self.length)
+        v = gather_kv(self.store.v_cache, self.page_table(), self.length)
+        if include_pads:
+            return k, v
+        idx = self.token_index().to(k.device)
+        return k[:, idx], v[:, idx]
+
+    def slots(self, start: int, n: int) -> torch.Tensor:
+        t = torch.arange(start, start + n)
+        ps = self.store.page_size
+        return (torch.tensor(self.pages, dtype=torch.int64)[t // ps] * ps + t % ps).to(self.store.device)
+
+    # ------------------------------------------------------------------ writing
+    def reserve(self, n: int) -> torch.Tensor:
+        """Make room for ``n`` tokens at the end of the last segment and return their slots
+        (int64 ``[n]``). Allocates pages as needed and copies a shared, partly filled last page
+        first (copy-on-write); raises ``RuntimeError`` if the store is out of pages, changing nothing."""
+        self._check_live()
+        if n < 0:
+            raise ValueError(f"reserve: n must be >= 0, got {n}")
+        store, ps, length = self.store, self.store.page_size, self.length
+        cow = n > 0 and length % ps != 0 and store.refcount[self.pages[-1]] > 1
+        grow = store.pages_for(length + n) - len(self.pages)
+        new = store.alloc(grow + int(cow)).tolist()
+        if cow:
+            old, page = self.pages[-1], new.pop(0)
+            store.k_cache[:, page] = store.k_cache[:, old]
+            store.v_cache[:, page] = store.v_cache[:, old]
+            store.decref([old])
+            self.pages[-1] = page
+        self.pages += new
+        last = self.segments[-1]
+        self.segments[-1] = dataclasses.replace(last, length=last.length + n)
+        return self.slots(length, n)
+
+    def append_kv(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Append tokens' K/V of all layers, ``[num_layers, n, Hkv, D]`` (keys already rotated at
+        positions ``next_position, ...``). Returns their slots."""
+        if k.dim() != 4 or k.shape[0] != self.store.num_layers:
+            raise ValueError(f"append_kv takes [num_layers={self.store.num_layers}, n, Hkv, D], got {tuple(k.shape)}")
+        slots = self.reserve(k.shape[1])
+        self.store.write_(None, slots, k, v)
+        return slots
+
+    # ------------------------------------------------------------------ lifetime
+    def fork(self, n: int, name: str = "thread") -> list[Sequence]:
+        """See `fork`."""
+        return fork(self, n, name=name)
+
+    def release(self) -> None:
+        """Drop this sequence's references to its pages (pages nobody else holds become free)."""
+        if not self.released:
+            self.store.decref(self.pages)
+            self.released = True
+            self.pages = []
+
+    def _check_live(self):
+        if self.released:
+            raise RuntimeError("this Sequence was released (or consumed by merge)")
+
+    def __repr__(self):
+        segs = ", ".join(f"{s.name}[{s.length}]" + ("(pad)" if s.pad else f"@{s.position}") for s in self.segments)
+        return f"Sequence({segs}; {len(self.pages)} pages)"
+
+
+def fork(prefix: Sequence, n: int, *, name: str = "thread") -> list[Sequence]:
+    """``n`` threads that continue ``prefix``: each sees all that the prefix's next token would see,
+    plus its own tokens. No data is copied: the threads hold references to the prefix's pages, and
+    each starts its own tokens on a fresh page (the rest of the prefix's last page is a pad).
+
+    Args:
+        prefix: a live `Sequence` (it stays usable; appending to it later copies its shared last page).
+        n: number of threads (>= 1).
+    Returns:
+        list of ``n`` `Sequence`, each with an empty last segment at position ``prefix.next_position``.
+
+    Example:
+        >>> import torch, kvfuse
+        >>> store = kvfuse.PagedKVStore(1, 8, 4, 1, 8)
+        >>> p = store.sequence(); _ = p.append_kv(torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8))
+        >>> a, b = kvfuse.fork(p, 2)
+        >>> store.refcount[p.pages[0]], a.length, a.next_position
+        (3, 8, 5)
+    """
+    prefix._check_live()
+    if n < 1:
+        raise ValueError(f"fork: n must be >= 1, got {n}")
+    store, ps = prefix.store, prefix.store.page_size
+    segs = list(prefix.segments)
+    pad = -prefix.length % ps
+    if pad:
+        segs.append(SegmentInfo(store.unique_name("pad"), pad, (), 0, pad=True))
+    parent = next(s.name for s in reversed(prefix.segments) if not s.pad)
+    threads = []
+    for _ in range(n):
+        store.incref(prefix.pages)
+        own = SegmentInfo(store.unique_name(name), 0, (parent,), prefix.next_position)
+        threads.append(Sequence(store, prefix.pages, segs + [own]))
+    return threads
+
+
+def _common_prefix(threads: _Seq[Sequence]) -> tuple[int, int]:
+    """(number of shared leading segments, their storage length) of sibling threads."""
+    first = threads[0]
+    k = 0
+    while all(k < len(t.segments) - 1 and t.segments[k] == first.segments[k] for t in threads):
+        k += 1
+    n = sum(s.length for s in first.segments[:k])
+    ps = first.store.page_size
+    if n % ps:
+        raise ValueError("threads must share a page-aligned prefix (make them with kvfuse.fork)")
+    if any(t.pages[: n // ps] != first.pages[: n // ps] for t in threads):
+        raise ValueError("threads do not share their prefix pages (make them with kvfuse.fork)")
+    return k, n
+
+
+def _span(segs: _Seq[SegmentInfo]) -> tuple[int, int]:
+    real = [s for s in segs if not s.pad and s.length]
+    if not real:
+        return (segs[0].position if segs else 0), 0
+    lo = min(s.position for s in real)
+    return lo, max(s.position + s.length for s in real) - lo
+
+
+def merge(threads: _Seq[Sequence], layout: str = "sequential", *, keep_threads: bool = False,
+          name: str = "join", backend: str | None = None) -> Sequence:
+    """Compose sibling threads (from one `fork`) into one sequence, via `kvfuse.compose`.
+
+    The result holds the shared prefix, then each thread's tokens in the given order, then an empty
+    continuation segment that sees the prefix and every thread. Layouts:
+
+    * ``"shared"``: every thread keeps its positions; the continuation starts after the longest
+      thread. Nothing is rotated; no K/V is copied (page tables are concatenated; each thread's last
+      page is padded so the next thread starts on a page boundary).
+    * ``"sequential"``: thread i is moved to start where thread i-1 ends (positions counted without
+      pads). Keys of moved threads are re-rotated; in place (zero copy) for threads that are given up
+      (``keep_threads=False``) and whose pages nobody else holds, otherwise copied to new pages.
+      Exact for layer 0 and the first thread only; see the module docstring.
+
+    Args:
+        threads: live sibling `Sequence`s sharing a prefix made by `fork` (any token counts, 0 allowed).
+        layout: "sequential" or "shared".
+        keep_threads: keep the threads usable (their pages are then never modified). By default
+            they are released: their pages now belong to the merged sequence.
+    Returns:
+        the merged `Sequence`; ``K``/``V`` of the store are modified in place only in pages of given-up
+        threads and in newly allocated pages.
+
+    Raises:
+        RuntimeError: the store has too few free pages for the copies (nothing changed then).
+    """
+    threads = list(threads)
+    if not threads:
+        raise ValueError("merge: threads must not be empty")
+    if layout not in ("sequential", "shared"):
+        raise ValueError(f"merge: layout must be 'sequential' or 'shared', got {layout!r}")
+    for t in threads:
+        t._check_live()
+    if len({id(t) for t in threads}) != len(threads):
+        raise ValueError("merge: a thread is listed twice")
+    store = threads[0].store
+    if any(t.store is not store for t in threads):
+        raise ValueError("merge: threads belong to different stores")
+    if store.rope is None:
+        raise ValueError("merge needs the store's RopeConfig (PagedKVStore(..., rope=...))")
+    ps = store.page_size
+    k, n_pre = _common_prefix(threads)
+    prefix_segs = threads[0].segments[:k]
+
+    sources, new_pos, out_segs = [], [], list(prefix_segs)
+    if n_pre:
+        first_pos = next((s.position for s in prefix_segs if not s.pad), 0)
+        sources.append(SourceSegment(torch.tensor(threads[0].pages, dtype=torch.int32, device=store.device),
+                                     n_pre, 0, first_pos, give_up=False))
+        new_pos.append(first_pos)
+    cursor = None
+    join_parents = [s.name for s in prefix_segs if not s.pad]
+    for i, t in enumerate(threads):
+        rest = t.segments[k:]
+        n = sum(s.length for s in rest)
+        lo, span = _span(rest)
+        cursor = lo if cursor is None else cursor
+        target = lo if layout == "shared" else cursor
+        cursor = target + span
+        delta = target - lo
+        join_parents += [s.name for s in rest if not s.pad]
+        out_segs += [s if s.pad else dataclasses.replace(s, position=s.position + delta) for s in rest]
+        stored = n if i == len(threads) - 1 else -(-n // ps) * ps
+        if stored > n:
+            out_segs.append(SegmentInfo(store.unique_name("pad"), stored - n, (), 0, pad=True))
+        if stored == 0:
+            continue
+        own_pages = t.pages[n_pre // ps:]
+        sole = all(store.refcount[p] == 1 for p in own_pages)
+        give_up = delta == 0 or (not keep_threads and sole)
+        sources.append(SourceSegment(torch.tensor(t.pages, dtype=torch.int32, device=store.device), stored, n_pre,
+                                     lo, give_up=give_up))
+        new_pos.append(target)
+    last_pos = max([s.position + s.length for s in out_segs if not s.pad] or [0])
+    out_segs.append(SegmentInfo(store.unique_name(name), 0, tuple(join_parents), last_pos))
+
+    if not sources:  # nothing stored at all
+        return Sequence(store, [], out_segs)
+    dst = store.alloc(pages_needed(sources, ps, positions=new_pos))
+    try:
+        composed = compose(store.k_cache, store.v_cache, sources, store.rope, positions=new_pos, dst_pages=dst,
+                           backend=backend)
+    except Exception:
+        store.decref(dst)
+        raise
+    store.incref(composed.reused_pages)
+    merged = Sequence(store, composed.pages.tolist(), out_segs)
+    if not keep_threads:
+        for t in threads:
+            t.release()
+    return merged
+
+
+# ---------------------------------------------------------------------- batched attention
+@dataclasses.dataclass
+class BatchPlan:
+    """What one batched `kvfuse.attention` call over several sequences needs, for every layer.
+
+    block_table: int32 ``[B, max_pages]``; plan: the `AttentionPlan` (queries are each row's last
+    ``q_len`` tokens); graphs: the row views' `SegmentGraph`.
+    """
+
+    block_table: torch.Tensor
+    plan: AttentionPlan
+    graphs: list[SegmentGraph]
+
+
+def batch_plan(rows: _Seq[Sequence], q_len: int | _Seq[int], *, hogwild: bool = False) -> BatchPlan:
+    """Plan one batched attention call: row b's queries are its last ``q_len`` tokens (already
+    reserved / written), over its own view of the store.
+
+    Default view: the row itself (prefix and own tokens, by its segment graph). ``hogwild=True``
+    (rows are sibling threads of one fork): each row also sees the other rows' tokens written before
+    this step (not those of the current step), Hogwild-style; the views are assembled from the
+    others' page tables without copying.
+
+    Example:
+        >>> import torch, kvfuse
+        >>> store = kvfuse.PagedKVStore(1, 16, 4, 1, 8)
+        >>> p = store.sequence(); _ = p.append_kv(torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8))
+        >>> ts = kvfuse.fork(p, 2)
+        >>> for t in ts: _ = t.append_kv(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+        >>> bp = kvfuse.batch_plan(ts, 1)
+        >>> q = torch.randn(2, 2, 8)
+        >>> out = kvfuse.attention(q, store.k_cache[0], store.v_cache[0], bp.block_table, bp.plan)
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("batch_plan: rows must not be empty")
+    q_lens = [int(q_len)] * len(rows) if isinstance(q_len, int) else [int(x) for x in q_len]
+    if len(q_lens) != len(rows):
+        raise ValueError(f"batch_plan: one q_len per row ({len(rows)}), got {len(q_lens)}")
+    for r in rows:
+        r._check_live()
+    store = rows[0].store
+    if hogwild and len(rows) > 1:
+        tables, graphs = _hogwild_views(rows, q_lens)
+    else:
+        tables = [r.pages for r in rows]
+        graphs = [r.graph() for r in rows]
+    width = max(1, max(len(t) for t in tables))
+    bt = torch.zeros(len(rows), width, dtype=torch.int32)
+    for b, t in enumerate(tables):
+        bt[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    p = plan(AttentionSpec(graphs, q_lens, device=store.device))
+    return BatchPlan(bt.to(store.device), p, graphs)
+
+
+def _hogwild_views(rows, q_lens):
+    ps = rows[0].store.page_size
+    k, n_pre = _common_prefix(rows)
+    prefix = [Segment(s.name, s.length, s.parents) for s in rows[0].segments[:k]]
+    tables, graphs = [], []
+    for i, r in enumerate(rows):
+        pages = list(r.pages[: n_pre // ps])
+        segs = list(prefix)
+        seen = []
+        for j, o in enumerate(rows):
+            if j == i:
+                continue
+            visible = o.length - n_pre - q_lens[j]
+            rest, left = [], visible
+            for s in o.segments[k:]:
+                take = min(s.length, left)
+                if take > 0:
+                    rest.append(Segment(s.name, take, s.parents))
+                    if not s.pad:
+                        seen.append(s.name)
+                left -= take
+            if visible <= 0:
+                continue
+            stored = -(-visible // ps) * ps
+            if stored > visible:
+                rest.append(Segment(f"{o.segments[-1].name}~hogwild-pad", stored - visible))
+            segs += rest
+            pages += o.pages[n_pre // ps: n_pre // ps + stored // ps]
+        own = [Segment(s.name, s.length, s.parents) for s in r.segments[k:]]
+        own[-1] = Segment(own[-1].name, own[-1].length, tuple(own[-1].parents) + tuple(seen))
+        segs += own
+        pages += r.pages[n_pre // ps:]
+        tables.append(pages)
+        graphs.append(SegmentGraph(segs))
+    return tables, graphs
