@@ -97,8 +97,8 @@ def trial(model, rope, P, lens, C, gen):
                 m = SegmentGraph(graph.segments[:-1] + [Segment("cont", len(cont) + 1, graph.segments[-1].parents)])
                 dm = m.dense_mask()
                 a = torch.zeros(dm.shape).masked_fill_(~dm, torch.finfo(torch.float32).min)[None, None]
-                lg = model(torch.cat([ids, torch.tensor(cont + [0])])[None], position_ids=ref_pos[: n + len(cont) + 1][None],
-                           attention_mask=a).logits[0, -1]
+                lg = model(torch.cat([ids, torch.tensor(cont + [0])])[None],
+                           position_ids=ref_pos[: n + len(cont) + 1][None], attention_mask=a).logits[0, -1]
                 cont.append(int(lg.argmax()))
             cont = torch.tensor(cont)
             ref = model(torch.cat([text, cont])[None], position_ids=ref_pos[None], attention_mask=add).logits[0, n:]
