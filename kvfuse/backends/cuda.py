@@ -1,0 +1,98 @@
+"""The CUDA C++ backend: the compiled extension ``kvfuse._C`` (csrc/).
+
+Importing this module raises ImportError when the extension was not built; the dispatcher turns
+that into a reason. Nothing here touches ``torch.cuda`` at import time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvfuse import _C  # noqa: F401 - ImportError here means "the extension is not built"
+from kvfuse.dispatch import register
+
+POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ATTN_DTYPES = (torch.float16, torch.bfloat16)
+ATTN_HEAD_DIMS = (64, 128, 256)
+DECODE_MAX_Q = 8  # queries per sequence the decode kernel takes; prefill belongs to the Triton backend
+DECODE_BLOCK_K = 64
+MAX_GRID_Y = 65535
+
+
+def _device_reasons(name, t) -> list[str]:
+    if not isinstance(t, torch.Tensor):
+        return []
+    if t.device.type != "cuda":
+        return [f"{name} is on {t.device}, the CUDA kernels need a CUDA tensor"]
+    return []
+
+
+def _pool_reasons(k_cache=None, rotary_dim=None, interleaved=False, **_) -> list[str]:
+    why = _device_reasons("k_cache", k_cache)
+    if k_cache is None:
+        return why
+    if k_cache.dtype not in POOL_DTYPES:
+        why.append(f"k_cache dtype {k_cache.dtype} is not one of fp16/bf16/fp32")
+    if not k_cache.is_contiguous():
+        why.append("k_cache must be contiguous")
+    if rotary_dim is not None and (rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > k_cache.shape[-1]):
+        why.append(f"rotary_dim={rotary_dim} must be even and in (0, head_dim]")
+    if interleaved and k_cache.shape[-1] % 2:
+        why.append("interleaved RoPE needs an even head_dim")
+    return why
+
+
+def _merge_reasons(v=None, **_) -> list[str]:
+    why = _device_reasons("v", v)
+    if v is not None and v.dtype not in POOL_DTYPES:
+        why.append(f"dtype {v.dtype} is not one of fp16/bf16/fp32")
+    return why
+
+
+def _attention_reasons(q=None, k_cache=None, plan=None, **_) -> list[str]:
+    why = _device_reasons("q", q)
+    if q is None or k_cache is None:
+        return why
+    if q.dtype not in ATTN_DTYPES:
+        why.append(f"dtype {q.dtype} is not fp16/bf16")
+    if q.shape[-1] not in ATTN_HEAD_DIMS:
+        why.append(f"head_dim {q.shape[-1]} is not one of {ATTN_HEAD_DIMS}")
+    if not k_cache.is_contiguous():
+        why.append("k_cache/v_cache must be contiguous")
+    if plan is not None and plan.max_q > DECODE_MAX_Q:
+        why.append(f"the CUDA kernel is a decode kernel: at most {DECODE_MAX_Q} queries per sequence, "
+                   f"the plan has {plan.max_q} (prefill runs on the Triton backend)")
+    hkv = k_cache.shape[-2]
+    if hkv * ((q.shape[1] // max(hkv, 1)) * DECODE_MAX_Q + 3) // 4 > MAX_GRID_Y:
+        why.append(f"too many heads ({q.shape[1]}) for the decode grid")
+    return why
+
+
+def _tile_shape(head_dim: int, max_q_len: int) -> tuple[int, int]:
+    """One query tile per sequence (the next power of two >= its query count), 64-key tiles."""
+    bq = 1
+    while bq < max(1, max_q_len):
+        bq *= 2
+    return bq, DECODE_BLOCK_K
+
+
+@register("rerotate_", "cuda", reasons=_pool_reasons)
+def rerotate_(k_cache, slots, table_idx, cos, sin, rotary_dim, interleaved):
+    _C.rerotate_(k_cache, slots, table_idx, cos, sin, rotary_dim, interleaved)
+
+
+@register("compose_copy_", "cuda", reasons=_pool_reasons)
+def compose_copy_(k_cache, v_cache, src_slots, dst_slots, table_idx, cos, sin, rotary_dim, interleaved):
+    _C.compose_copy_(k_cache, v_cache, src_slots, dst_slots, table_idx, cos, sin, rotary_dim, interleaved)
+
+
+@register("merge_states", "cuda", reasons=_merge_reasons)
+def merge_states(v_a, s_a, v_b, s_b):
+    return _C.merge_states(v_a, s_a, v_b, s_b)
+
+
+@register("segment_attention", "cuda", reasons=_attention_reasons, tile_shape=_tile_shape)
+def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, work_seq,
+                      work_qtile, kt_indptr, kt_index, kt_full, block_q, block_k, sm_scale):
+    return _C.segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors,
+                                work_seq, work_qtile, kt_indptr, kt_index, kt_full, block_q, block_k, sm_scale)
