@@ -21,3 +21,7 @@ __all__ = [
 from kvfuse.threads import BatchPlan, PagedKVStore, SegmentInfo, Sequence, batch_plan, fork, merge  # noqa: E402
 
 __all__ += ["BatchPlan", "PagedKVStore", "Sequence", "SegmentInfo", "batch_plan", "fork", "merge"]
+
+from kvfuse.compat import flash_attn_with_kvcache, sdpa  # noqa: E402
+
+__all__ += ["flash_attn_with_kvcache", "sdpa"]
