@@ -526,7 +526,8 @@ def table_lines(results: list[Result], ctx: Ctx) -> list[str]:
             continue
         frac = f"{r.frac_ceiling:.2f}" if r.frac_ceiling is not None else "–"
         sp = f"{r.speedup:.2f}×" if r.speedup is not None else "–"
-        note = "; ".join(x for x in (r.note, "checked" if r.checked else "", r.timing) if x)
+        checked = "checked" if r.checked and "checked" not in r.note else ""
+        note = "; ".join(x for x in (r.note, checked, r.timing) if x)
         lines.append(f"| {r.label} | {_f(r.ms)} | {_f(r.p20)} | {_f(r.p80)} | {_f(r.value)} | {frac} | {sp} "
                      f"| {_md(note)} |")
     return lines

@@ -138,7 +138,7 @@ def zero_copy_providers(rope: RopeConfig) -> list[Provider]:
 
 def run(ctx: Ctx) -> None:
     page = opt(ctx, "page_size", 16)
-    hkv, d = opt(ctx, "kv_heads", 8), opt(ctx, "head_dim", 128)
+    hkv, d = opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
     threads, position = opt(ctx, "threads", 4), opt(ctx, "prefix", 0)
     rope = RopeConfig(head_dim=d, theta=1e4)
     general = provider_selection(ctx, general_providers(ctx, rope), DEFAULT_PROVIDERS)

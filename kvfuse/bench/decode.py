@@ -155,9 +155,9 @@ def providers(ctx: Ctx, masked: bool) -> list[Provider]:
 
 
 def run(ctx: Ctx) -> None:
-    hq, hkv, d = opt(ctx, "q_heads", 32), opt(ctx, "kv_heads", 8), opt(ctx, "head_dim", 128)
-    page, B = opt(ctx, "page_size", 16), opt(ctx, "batch", 32, 4)
-    contexts = list(ctx.args.sweep) if ctx.args.sweep else [opt(ctx, "context", 32768, 1024)]
+    hq, hkv, d = opt(ctx, "q_heads", 32, 8), opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
+    page, B = opt(ctx, "page_size", 16), opt(ctx, "batch", 32, 2)
+    contexts = list(ctx.args.sweep) if ctx.args.sweep else [opt(ctx, "context", 32768, 512)]
     threads = opt(ctx, "threads", 4)
     n_prov = len(provider_selection(ctx, providers(ctx, False), DEFAULT_PROVIDERS))
     prog = Progress(2 * len(contexts) * n_prov, NAME, not ctx.args.quiet)

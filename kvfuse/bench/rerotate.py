@@ -104,7 +104,7 @@ def providers(ctx: Ctx, rope: RopeConfig) -> list[Provider]:
 
 def run(ctx: Ctx) -> None:
     page = opt(ctx, "page_size", 16)
-    hkv, d = opt(ctx, "kv_heads", 8), opt(ctx, "head_dim", 128)
+    hkv, d = opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
     rope = RopeConfig(head_dim=d, theta=1e4)
     provs = provider_selection(ctx, providers(ctx, rope), DEFAULT_PROVIDERS)
     sizes = sweep(ctx, opt(ctx, "pages", 16384, 64))
