@@ -26,7 +26,7 @@ import kvfuse
 from kvfuse import Segment, SegmentGraph, reference
 
 ROWS: list[dict] = []
-DEV = torch.device("cuda")
+DEV = torch.device("cuda", 0)  # an explicit index: plans compare devices exactly
 
 
 def log(*a):

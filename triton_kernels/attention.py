@@ -32,7 +32,7 @@ def tile_shape(head_dim: int, max_q_len: int) -> tuple[int, int]:
     ``block_q`` = the next power of two of the query count; prefill takes 128-query tiles (64 for
     head_dim 256). Under the interpreter the tiles are 32 wide so small tests span many tiles."""
     if max_q_len <= DECODE_MAX_Q:
-        return triton.next_power_of_2(max(1, max_q_len)), 16 if interpreting() else 64
+        return triton.next_power_of_2(max(1, max_q_len)), 16 if interpreting() else 128
     if interpreting():
         return 32, 32
     return (64, 64) if head_dim > 128 else (128, 64)

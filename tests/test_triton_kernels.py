@@ -1,0 +1,108 @@
+"""Triton-kernel specifics the backend-parametrized tests do not reach: split-K decode with many
+splits, work items with no key tile, float32 attention, merge of two empty sides, odd shapes."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import kvfuse
+from kvfuse import Segment, SegmentGraph, reference
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+
+
+def _dev():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _pool(n_tokens, page_size, hkv, d, dtype, dev):
+    pages = [-(-n // page_size) for n in n_tokens]
+    perm = torch.randperm(sum(pages) + 2).to(torch.int32)
+    table = torch.zeros(len(n_tokens), max(pages), dtype=torch.int32)
+    o = 0
+    for b, m in enumerate(pages):
+        table[b, :m] = perm[o: o + m]
+        o += m
+    k = torch.randn(sum(pages) + 2, page_size, hkv, d).to(dtype).to(dev)
+    v = torch.randn(sum(pages) + 2, page_size, hkv, d).to(dtype).to(dev)
+    return k, v, table.to(dev)
+
+
+@pytest.mark.parametrize("nsplit", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_decode_splits_match_reference(monkeypatch, nsplit, dtype):
+    from kvfuse.triton_kernels import attention as ta
+
+    dev = _dev()
+    monkeypatch.setattr(ta, "num_splits", lambda *a, **k: nsplit)
+    g = SegmentGraph([Segment("p", 40), Segment("a", 37, ("p",)), Segment("b", 30, ("p",)),
+                      Segment("next", 2, ("b",))])
+    p = kvfuse.plan(kvfuse.AttentionSpec([g, SegmentGraph([Segment("x", 9)])], q_lens=[2, 1], device=dev))
+    k, v, table = _pool(p.kv_lens_list, 8, 2, 64, dtype, dev)
+    q = torch.randn(p.total_q, 6, 64).to(dtype).to(dev)
+    out, lse = kvfuse.attention(q, k, v, table, p, return_lse=True, backend="triton")
+    want, want_lse = reference.segment_attention(q.double(), k.double(), v.double(), table, p.kv_lens,
+                                                 p.qo_indptr, p.token_seg, p.ancestors, 1 / 8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_work_item_without_key_tiles_gives_zero_and_minus_inf():
+    from kvfuse.triton_kernels.attention import segment_attention
+
+    dev = _dev()
+    g = SegmentGraph([Segment("a", 20)])
+    p = kvfuse.plan(kvfuse.AttentionSpec([g], device=dev))
+    k, v, table = _pool([20], 4, 1, 32, torch.float16, dev)
+    q = torch.randn(20, 2, 32).half().to(dev)
+    tm = p.tiles(16, 16)
+    empty = torch.zeros_like(tm.kt_indptr)  # drop every key tile
+    out, lse = segment_attention(q, k, v, table, p.kv_lens, p.qo_indptr, p.token_seg, p.ancestors, tm.work_seq,
+                                 tm.work_qtile, empty, tm.kt_index, tm.kt_full, 16, 16, 0.1)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert bool(torch.isneginf(lse).all())
+
+
+def test_prefill_float32_and_head_dim_32():
+    dev = _dev()
+    g = SegmentGraph.fork_join(prefix=33, threads=[17, 1, 20], join=7)
+    p = kvfuse.plan(kvfuse.AttentionSpec([g], device=dev))
+    k, v, table = _pool(p.kv_lens_list, 5, 3, 32, torch.float32, dev)
+    q = torch.randn(p.total_q, 3, 32, device=dev)
+    out, lse = kvfuse.attention(q, k, v, table, p, return_lse=True, backend="triton")
+    want, want_lse = reference.segment_attention(q.double(), k.double(), v.double(), table, p.kv_lens,
+                                                 p.qo_indptr, p.token_seg, p.ancestors, 1 / math.sqrt(32))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_states_both_sides_empty():
+    dev = _dev()
+    v = torch.randn(3, 2, 16, device=dev)
+    s = torch.full((3, 2), float("-inf"), device=dev)
+    s[0, 0] = 0.5
+    vm, sm = kvfuse.merge_states(v, s, v * 2, s.clone(), backend="triton")
+    wv, ws = reference.merge_states(v, s, v * 2, s.clone())
+    torch.testing.assert_close(vm, wv)
+    torch.testing.assert_close(sm, ws)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+def test_compose_partial_rotary_stacked_odd_heads(interleaved):
+    dev = _dev()
+    cfg = kvfuse.RopeConfig(head_dim=48, rotary_dim=24, interleaved=interleaved)
+    k = torch.randn(2, 6, 3, 5, 48).to(dev)
+    v = torch.randn(2, 6, 3, 5, 48).to(dev)
+    src = torch.tensor([0, 1, 2, 4, 7], device=dev)
+    dst = torch.tensor([9, 10, 11, 12, 13], device=dev)
+    cos, sin, idx = cfg.rotation_tables(torch.tensor([3, 3, 5, -7, 100000]), device=dev)
+    ka, va, kb, vb = k.clone(), v.clone(), k.clone(), v.clone()
+    kvfuse.dispatch.implementation("compose_copy_", "triton")(ka, va, src, dst, idx, cos, sin, 24, interleaved)
+    reference.compose_copy_(kb, vb, src, dst, idx, cos, sin, 24, interleaved)
+    torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
+    assert torch.equal(va, vb)
