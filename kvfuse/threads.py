@@ -284,6 +284,12 @@ class Sequence:
         return (torch.tensor(self.pages, dtype=torch.int64)[t // ps] * ps + t % ps).to(self.store.device)
 
     # ------------------------------------------------------------------ writing
+    def pages_needed(self, n: int) -> int:
+        """Pages `reserve` (n) would allocate (new pages plus a copied shared last page)."""
+        ps, length = self.store.page_size, self.length
+        cow = n > 0 and length % ps != 0 and self.store.refcount[self.pages[-1]] > 1
+        return self.store.pages_for(length + n) - len(self.pages) + int(cow)
+
     def reserve(self, n: int) -> torch.Tensor:
         """Make room for ``n`` tokens at the end of the last segment and return their slots
         (int64 ``[n]``). Allocates pages as needed and copies a shared, partly filled last page

@@ -1,0 +1,1 @@
+"""Integrations with other libraries. Each submodule imports its library only when it is imported itself."""
