@@ -1,0 +1,153 @@
+"""The benchmark CLI on tiny CPU shapes: every subcommand runs, outputs have their fields, --check catches
+a wrong provider, a failing provider does not abort the run, bad arguments are usage errors."""
+
+import csv
+import importlib.util
+import json
+
+import pytest
+
+from kvfuse import bench
+from kvfuse.bench import common
+
+FAST = ["--rep-ms", "1", "--quiet", "--device", "cpu"]
+TINY = {
+    "rerotate": ["--pages", "8", "--page-size", "4", "--kv-heads", "2", "--head-dim", "16"],
+    "compose": ["--pages", "16", "--page-size", "4", "--kv-heads", "2", "--head-dim", "16", "--threads", "2"],
+    "prefill": ["--prefix", "16", "--threads", "2", "--thread-len", "8", "--q-heads", "4", "--kv-heads", "2",
+                "--head-dim", "16", "--page-size", "4"],
+    "decode": ["--batch", "2", "--context", "32", "--threads", "2", "--q-heads", "4", "--kv-heads", "2",
+               "--head-dim", "16", "--page-size", "4"],
+    "e2e": ["--layers", "1", "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--context", "32",
+            "--threads", "2", "--page-size", "4"],
+    "ceilings": [],
+}
+
+
+def _run(tmp_path, *argv):
+    out = tmp_path / "r.json"
+    rc = bench.main([*argv, *FAST, "--json", str(out)])
+    return rc, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("scenario", list(TINY))
+def test_every_subcommand_runs(tmp_path, capsys, scenario):
+    if scenario == "e2e":
+        pytest.importorskip("transformers")
+    rc, data = _run(tmp_path, scenario, "--check", *TINY[scenario])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "CPU timings" in text and "| provider | ms (median) | p20 | p80 |" in text
+    rows = [r for r in data["results"] if r["scenario"] == scenario]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok, rows
+    assert all(r["ms"] > 0 and r["p20"] <= r["ms"] * 1.0001 + 1e-9 for r in ok)
+    assert {r["status"] for r in rows} <= {"ok", "skipped"}, [r for r in rows if r["status"] not in ("ok", "skipped")]
+    assert all(r["note"] for r in rows if r["status"] == "skipped")  # every skip says why
+    if scenario != "ceilings":
+        assert any(r["checked"] for r in ok)
+
+
+def test_json_and_csv_fields(tmp_path):
+    js, cs = tmp_path / "a.json", tmp_path / "a.csv"
+    rc = bench.main(["rerotate", *TINY["rerotate"], *FAST, "--providers", "torch,triton", "--json", str(js),
+                     "--csv", str(cs)])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    for key in ("gpu", "device", "torch", "triton", "git_commit", "date", "ceilings", "argv"):
+        assert key in data["meta"]
+    assert data["meta"]["cpu_timings"] is True
+    torch_row = next(r for r in data["results"] if r["provider"] == "torch")
+    assert set(common.FIELDS) <= set(torch_row)
+    assert torch_row["unit"] == "TB/s" and torch_row["value"] > 0 and torch_row["speedup"] == pytest.approx(1.0)
+    assert torch_row["bytes"] == 2 * 8 * 4 * 2 * 16 * 4  # 2 x K, fp32 on CPU
+    triton_row = next(r for r in data["results"] if r["provider"] == "triton")
+    assert triton_row["status"] in ("ok", "skipped")
+    with open(cs) as f:
+        rows = list(csv.DictReader(f))
+    assert set(common.CSV_META) | set(common.FIELDS) <= set(rows[0])
+    assert {r["provider"] for r in rows} == {"torch", "triton"}
+    assert rows[0]["torch"] and rows[0]["date"]
+
+
+@pytest.mark.parametrize("scenario", ["rerotate", "compose", "prefill", "decode"])
+def test_check_catches_a_wrong_provider(tmp_path, scenario):
+    rc, data = _run(tmp_path, scenario, "--check", "--providers", "torch,_wrong", *TINY[scenario])
+    assert rc == 1
+    rows = data["results"]
+    wrong = [r for r in rows if r["provider"] == "_wrong"]
+    assert wrong and all(r["status"] == "WRONG" and r["ms"] is None for r in wrong)
+    assert all(r["status"] == "ok" for r in rows if r["provider"] == "torch")
+
+
+def test_without_check_the_wrong_provider_is_timed(tmp_path):
+    rc, data = _run(tmp_path, "rerotate", "--providers", "torch,_wrong", *TINY["rerotate"])
+    assert rc == 0
+    assert {r["status"] for r in data["results"]} == {"ok"}
+
+
+def test_a_failing_provider_does_not_abort(tmp_path, monkeypatch):
+    from kvfuse.bench import rerotate
+
+    original = rerotate.providers
+
+    def with_broken(ctx, rope):
+        def make(st):
+            raise RuntimeError("boom")
+
+        return original(ctx, rope) + [common.Provider("cuda", "broken", make)]
+
+    monkeypatch.setattr(rerotate, "providers", with_broken)
+    rc, data = _run(tmp_path, "rerotate", "--providers", "cuda,torch", *TINY["rerotate"])
+    assert rc == 0
+    broken = next(r for r in data["results"] if r["label"] == "broken")
+    assert broken["status"] == "error" and "boom" in broken["note"]
+    assert next(r for r in data["results"] if r["provider"] == "torch")["status"] == "ok"
+
+
+def test_sweep(tmp_path):
+    rc, data = _run(tmp_path, "rerotate", "--providers", "torch", "--sweep", "4,8", "--page-size", "4",
+                    "--kv-heads", "1", "--head-dim", "16")
+    assert rc == 0
+    assert sorted(r["x"] for r in data["results"]) == [4, 8]
+
+
+def test_plot(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    argv = ["rerotate", "--providers", "torch", "--sweep", "4,8", "--page-size", "4", "--kv-heads", "1",
+            "--head-dim", "16", *FAST, "--plot", str(png)]
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
+    else:
+        assert bench.main(argv) == 0 and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required"),
+    (["nope"], "invalid choice"),
+    (["rerotate", "--pages", "0"], "positive integer"),
+    (["rerotate", "--pages", "x"], "positive integer"),
+    (["rerotate", "--providers", "torch,nope"], "unknown provider"),
+    (["rerotate", "--dtype", "int8"], "invalid choice"),
+    (["all", "--sweep", "1,2"], "--sweep applies to one scenario"),
+    (["decode", "--sweep", "1,a"], "comma-separated positive integers"),
+    (["prefill", "--prefix", "-1"], "integer >= 0"),
+], ids=["no-scenario", "bad-scenario", "zero-pages", "text-pages", "bad-provider", "bad-dtype", "sweep-all",
+        "bad-sweep", "negative-prefix"])
+def test_bad_arguments_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: kvfuse-bench" in err and message in err
+
+
+def test_help_lists_scenarios(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("rerotate", "compose", "prefill", "decode", "e2e", "all", "ceilings"):
+        assert name in out
