@@ -1,0 +1,17 @@
+// Instantiates every kernel launcher for every dtype, so that a compile alone checks them all
+// (CMake target kvfuse_instantiations, csrc/check_compile.sh).
+#include "kvfuse/attention.cuh"
+#include "kvfuse/compose.cuh"
+#include "kvfuse/merge_states.cuh"
+#include "kvfuse/rerotate.cuh"
+
+namespace kvfuse {
+#define KVFUSE_POOL_TYPES(X) X(float) X(__half) X(__nv_bfloat16)
+#define KVFUSE_INST_POOL(T)                                                       \
+  template cudaError_t rerotate<T>(const RerotateArgs&, cudaStream_t);            \
+  template cudaError_t compose_copy<T>(const ComposeArgs&, cudaStream_t);         \
+  template cudaError_t merge_states<T>(const MergeStatesArgs&, cudaStream_t);
+KVFUSE_POOL_TYPES(KVFUSE_INST_POOL)
+template cudaError_t decode_attention<__half>(DecodeArgs, int, int, cudaStream_t);
+template cudaError_t decode_attention<__nv_bfloat16>(DecodeArgs, int, int, cudaStream_t);
+}  // namespace kvfuse

@@ -1,0 +1,293 @@
+// Unit tests of the torch-free kernels against plain C++ loops (run by ctest; needs a GPU).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kvfuse/attention.cuh"
+#include "kvfuse/compose.cuh"
+#include "kvfuse/merge_states.cuh"
+#include "kvfuse/rerotate.cuh"
+
+#define CK(x)                                                                             \
+  do {                                                                                    \
+    cudaError_t e_ = (x);                                                                 \
+    if (e_ != cudaSuccess) {                                                              \
+      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));     \
+      std::exit(2);                                                                       \
+    }                                                                                     \
+  } while (0)
+
+namespace {
+
+std::mt19937 rng(1234);
+float randn() { return std::normal_distribution<float>(0.f, 1.f)(rng); }
+
+template <typename T> T h_from(float x);
+template <> float h_from<float>(float x) { return x; }
+template <> __half h_from<__half>(float x) { return __float2half(x); }
+template <> __nv_bfloat16 h_from<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+float h_to(float x) { return x; }
+float h_to(__half x) { return __half2float(x); }
+float h_to(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+struct Dev {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit Dev(const std::vector<T>& h) : n(h.size()) {
+    CK(cudaMalloc(&p, std::max<std::size_t>(1, n) * sizeof(T)));
+    CK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> get() const {
+    std::vector<T> h(n);
+    CK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+  ~Dev() { cudaFree(p); }
+};
+
+int failures = 0;
+void expect(bool ok, const char* what, double err) {
+  std::printf("%-48s %s (max err %.3g)\n", what, ok ? "ok" : "FAILED", err);
+  if (!ok) ++failures;
+}
+
+// Rotation of one row (NeoX or interleaved) in float, the reference for both slot kernels.
+void rotate_row(const float* x, float* y, const float* c, const float* s, int D, int rd, bool inter) {
+  for (int i = 0; i < D; ++i) y[i] = x[i];
+  for (int j = 0; j < rd / 2; ++j) {
+    const int a = inter ? 2 * j : j, b = inter ? 2 * j + 1 : j + rd / 2;
+    y[a] = x[a] * c[j] - x[b] * s[j];
+    y[b] = x[b] * c[j] + x[a] * s[j];
+  }
+}
+
+template <typename T>
+void test_slot_kernels(bool compose, bool inter, int L, int P, int ps, int H, int D, int rd, const char* name) {
+  const long long slots = static_cast<long long>(P) * ps;
+  const std::size_t size = static_cast<std::size_t>(L) * slots * H * D;
+  std::vector<T> k(size), v(size);
+  for (auto& x : k) x = h_from<T>(randn());
+  for (auto& x : v) x = h_from<T>(randn());
+  std::vector<int64_t> perm(slots);
+  for (long long i = 0; i < slots; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  const long long n = slots / 3;
+  std::vector<int64_t> src(perm.begin(), perm.begin() + n), dst(perm.begin() + n, perm.begin() + 2 * n);
+  const int U = 5;
+  std::vector<float> cs(U * rd / 2), sn(U * rd / 2);
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < rd / 2; ++j) {
+      const double ang = (u * 977.0 - 1234.5) * std::pow(10000.0, -2.0 * j / rd);
+      cs[u * rd / 2 + j] = static_cast<float>(std::cos(ang));
+      sn[u * rd / 2 + j] = static_cast<float>(std::sin(ang));
+    }
+  std::vector<int32_t> ti(n);
+  for (auto& x : ti) x = static_cast<int32_t>(rng() % U);
+
+  Dev<T> dk(k), dv(v);
+  Dev<int64_t> dsrc(src), ddst(dst);
+  Dev<int32_t> dti(ti);
+  Dev<float> dc(cs), ds(sn);
+  if (compose) {
+    kvfuse::ComposeArgs a{dk.p, dv.p, dsrc.p, ddst.p, true, dti.p, dc.p, ds.p, n, L, slots, H, D, rd, inter};
+    CK(kvfuse::compose_copy<T>(a, nullptr));
+  } else {
+    kvfuse::RerotateArgs a{dk.p, dsrc.p, true, dti.p, dc.p, ds.p, n, L, slots, H, D, rd, inter};
+    CK(kvfuse::rerotate<T>(a, nullptr));
+  }
+  CK(cudaDeviceSynchronize());
+  std::vector<T> gk = dk.get(), gv = dv.get();
+  std::vector<T> wk = k, wv = v;
+  std::vector<float> x(D), y(D);
+  for (int l = 0; l < L; ++l)
+    for (long long i = 0; i < n; ++i)
+      for (int h = 0; h < H; ++h) {
+        const std::size_t so = ((l * slots + src[i]) * H + h) * static_cast<std::size_t>(D);
+        const std::size_t to = ((l * slots + (compose ? dst[i] : src[i])) * H + h) * static_cast<std::size_t>(D);
+        for (int d = 0; d < D; ++d) x[d] = h_to(k[so + d]);
+        rotate_row(x.data(), y.data(), &cs[ti[i] * rd / 2], &sn[ti[i] * rd / 2], D, rd, inter);
+        for (int d = 0; d < D; ++d) wk[to + d] = h_from<T>(y[d]);
+        if (compose)
+          for (int d = 0; d < D; ++d) wv[to + d] = v[so + d];
+      }
+  double err = 0;
+  bool exact_rest = true;
+  const float tol = sizeof(T) == 4 ? 1e-5f : (sizeof(T) == 2 ? 2e-2f : 0.f);
+  for (std::size_t i = 0; i < size; ++i) {
+    const double e = std::fabs(h_to(gk[i]) - h_to(wk[i]));
+    err = std::max(err, e);
+    if (std::memcmp(&gv[i], &wv[i], sizeof(T)) != 0) exact_rest = false;
+  }
+  expect(err <= tol * 4 && exact_rest, name, err);
+}
+
+void test_merge_states() {
+  const int N = 37, H = 3, D = 64;
+  std::vector<float> va(N * H * D), vb(N * H * D), sa(N * H), sb(N * H);
+  for (auto& x : va) x = randn();
+  for (auto& x : vb) x = randn();
+  for (auto& x : sa) x = 3 * randn();
+  for (auto& x : sb) x = 3 * randn();
+  sa[0] = -INFINITY;
+  sb[1] = -INFINITY;
+  sa[2] = sb[2] = -INFINITY;
+  Dev<float> dva(va), dvb(vb), dsa(sa), dsb(sb), dvo(va), dso(sa);
+  kvfuse::MergeStatesArgs a{dva.p, dsa.p, dvb.p, dsb.p, dvo.p, dso.p, N * H, D};
+  CK(kvfuse::merge_states<float>(a, nullptr));
+  CK(cudaDeviceSynchronize());
+  std::vector<float> vo = dvo.get(), so = dso.get();
+  double err = 0;
+  for (int r = 0; r < N * H; ++r) {
+    float m = std::max(sa[r], sb[r]);
+    if (std::isinf(m)) m = 0;
+    const float wa = std::exp(sa[r] - m), wb = std::exp(sb[r] - m), t = wa + wb;
+    const float s = m + std::log(t);
+    if (!(std::isinf(s) && std::isinf(so[r]))) err = std::max(err, static_cast<double>(std::fabs(s - so[r])));
+    for (int d = 0; d < D; ++d) {
+      const float want = t > 0 ? (va[r * D + d] * wa + vb[r * D + d] * wb) / t : 0.f;
+      err = std::max(err, static_cast<double>(std::fabs(want - vo[r * D + d])));
+    }
+  }
+  expect(err < 1e-4, "merge_states f32", err);
+}
+
+// Three segments (prefix, thread A, thread B); queries are the last tokens of thread B, which sees
+// the prefix and its own causal past but not thread A.
+template <typename T>
+void test_decode(int D, int Hq, int Hkv, int qlen, int ps, int splits_hint, const char* name) {
+  const int B = 2;
+  const int lens[B] = {301, 150};
+  const int bk = 64;
+  int bq = 1;
+  while (bq < qlen) bq *= 2;
+  const int max_pages = (lens[0] + ps - 1) / ps;
+  const int P = B * max_pages + 3;
+  std::vector<int32_t> bt(B * max_pages);
+  std::vector<int> pages(P);
+  for (int i = 0; i < P; ++i) pages[i] = i;
+  std::shuffle(pages.begin(), pages.end(), rng);
+  for (int i = 0; i < B * max_pages; ++i) bt[i] = pages[i];
+  const std::size_t pool = static_cast<std::size_t>(P) * ps * Hkv * D;
+  std::vector<T> kc(pool), vc(pool);
+  for (auto& x : kc) x = h_from<T>(randn());
+  for (auto& x : vc) x = h_from<T>(randn());
+  const int S = 3, max_kv = lens[0];
+  std::vector<int32_t> seg(B * max_kv, -1), kv_lens(B), qo(B + 1, 0);
+  std::vector<uint8_t> anc(B * S * S, 0);
+  for (int b = 0; b < B; ++b) {
+    const int n = lens[b], p0 = n / 3, a1 = p0 + (n - p0) / 2;
+    for (int j = 0; j < n; ++j) seg[b * max_kv + j] = j < p0 ? 0 : (j < a1 ? 1 : 2);
+    anc[b * S * S + 1 * S + 0] = anc[b * S * S + 2 * S + 0] = 1;
+    kv_lens[b] = n;
+    qo[b + 1] = qo[b] + qlen;
+  }
+  const int total_q = qo[B];
+  std::vector<T> q(static_cast<std::size_t>(total_q) * Hq * D);
+  for (auto& x : q) x = h_from<T>(randn());
+  // Tile map: one work item per sequence, every key tile listed as partial except the first
+  // (the prefix only, which every query sees fully when it lies inside segment 0).
+  std::vector<int32_t> ws, wq, indptr{0}, idx;
+  std::vector<int8_t> full;
+  for (int b = 0; b < B; ++b) {
+    ws.push_back(b);
+    wq.push_back(0);
+    const int nt = (lens[b] + bk - 1) / bk;
+    for (int t = 0; t < nt; ++t) {
+      idx.push_back(t);
+      full.push_back(t == 0 && bk <= lens[b] / 3 ? 1 : 0);
+    }
+    indptr.push_back(static_cast<int32_t>(idx.size()));
+  }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  Dev<T> dq(q), dk(kc), dv(vc);
+  Dev<int32_t> dbt(bt), dlen(kv_lens), dqo(qo), dseg(seg), dws(ws), dwq(wq), dip(indptr), didx(idx);
+  Dev<uint8_t> danc(anc);
+  Dev<int8_t> dfull(full);
+  std::vector<T> out_h(q.size());
+  std::vector<float> lse_h(static_cast<std::size_t>(total_q) * Hq);
+  Dev<T> dout(out_h);
+  Dev<float> dlse(lse_h);
+  const int rows = (Hq / Hkv) * bq;
+  const int rt = kvfuse::decode_rows_per_block(rows);
+  kvfuse::DecodeArgs a{};
+  a.q = dq.p; a.k_cache = dk.p; a.v_cache = dv.p; a.block_table = dbt.p; a.bt_stride = max_pages;
+  a.kv_lens = dlen.p; a.qo_indptr = dqo.p; a.token_seg = dseg.p; a.seg_stride = max_kv;
+  a.ancestors = danc.p; a.num_segs = S; a.work_seq = dws.p; a.work_qtile = dwq.p; a.kt_indptr = dip.p;
+  a.kt_index = didx.p; a.kt_full = dfull.p; a.num_work = B; a.block_q = bq; a.block_k = bk;
+  a.page_size = ps; a.num_qo_heads = Hq; a.num_kv_heads = Hkv; a.scale_log2 = scale * 1.4426950408889634f;
+  a.num_row_blocks = (rows + rt - 1) / rt; a.total_q = total_q;
+  a.num_splits = kvfuse::decode_plan_splits(static_cast<long long>(idx.size()), B, Hkv, a.num_row_blocks, splits_hint);
+  std::vector<float> po(static_cast<std::size_t>(a.num_splits) * total_q * Hq * D), pl(static_cast<std::size_t>(a.num_splits) * total_q * Hq);
+  Dev<float> dpo(po), dpl(pl);
+  a.part_o = dpo.p; a.part_lse = dpl.p; a.out = dout.p; a.lse = dlse.p;
+  CK(kvfuse::decode_attention<T>(a, D, rt, nullptr));
+  CK(cudaDeviceSynchronize());
+  out_h = dout.get();
+  lse_h = dlse.get();
+  double err = 0;
+  const int G = Hq / Hkv;
+  for (int b = 0; b < B; ++b) {
+    const int n = lens[b];
+    for (int qi = 0; qi < qlen; ++qi) {
+      const int qp = n - qlen + qi, sq = seg[b * max_kv + qp];
+      for (int h = 0; h < Hq; ++h) {
+        const std::size_t qrow = (static_cast<std::size_t>(qo[b] + qi) * Hq + h) * D;
+        std::vector<double> sc(n, -INFINITY);
+        double m = -INFINITY;
+        for (int j = 0; j < n; ++j) {
+          const int sk = seg[b * max_kv + j];
+          if (!((sk == sq && j <= qp) || anc[b * S * S + sq * S + sk])) continue;
+          const std::size_t ko = ((static_cast<std::size_t>(bt[b * max_pages + j / ps]) * ps + j % ps) * Hkv + h / G) * D;
+          double d = 0;
+          for (int e = 0; e < D; ++e) d += h_to(q[qrow + e]) * h_to(kc[ko + e]);
+          sc[j] = d * scale;
+          m = std::max(m, sc[j]);
+        }
+        double l = 0;
+        std::vector<double> o(D, 0.0);
+        for (int j = 0; j < n; ++j) {
+          if (std::isinf(sc[j])) continue;
+          const double p = std::exp(sc[j] - m);
+          l += p;
+          const std::size_t vo = ((static_cast<std::size_t>(bt[b * max_pages + j / ps]) * ps + j % ps) * Hkv + h / G) * D;
+          for (int e = 0; e < D; ++e) o[e] += p * h_to(vc[vo + e]);
+        }
+        for (int e = 0; e < D; ++e) err = std::max(err, std::fabs(o[e] / l - h_to(out_h[qrow + e])));
+        err = std::max(err, std::fabs(m + std::log(l) - lse_h[(qo[b] + qi) * Hq + h]));
+      }
+    }
+  }
+  char label[96];
+  std::snprintf(label, sizeof(label), "%s (splits %d)", name, a.num_splits);
+  expect(err < 2e-2, label, err);
+}
+
+}  // namespace
+
+int main() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("no CUDA device: skipped\n");
+    return 77;  // ctest SKIP_RETURN_CODE
+  }
+  test_slot_kernels<__nv_bfloat16>(false, false, 1, 7, 16, 8, 128, 128, "rerotate bf16 neox d128");
+  test_slot_kernels<__half>(false, true, 2, 5, 5, 3, 64, 64, "rerotate f16 interleaved stacked ps5");
+  test_slot_kernels<float>(false, false, 1, 40, 1, 1, 64, 16, "rerotate f32 neox partial16 ps1");
+  test_slot_kernels<__nv_bfloat16>(false, false, 1, 9, 3, 2, 64, 24, "rerotate bf16 neox partial24 (vec 4)");
+  test_slot_kernels<float>(false, true, 3, 4, 16, 2, 256, 256, "rerotate f32 interleaved d256 stacked");
+  test_slot_kernels<__half>(true, false, 1, 9, 16, 2, 128, 64, "compose f16 neox partial64");
+  test_slot_kernels<__nv_bfloat16>(true, true, 2, 6, 5, 3, 64, 64, "compose bf16 interleaved stacked ps5");
+  test_slot_kernels<float>(true, false, 1, 30, 1, 1, 64, 64, "compose f32 neox ps1");
+  test_merge_states();
+  test_decode<__nv_bfloat16>(128, 32, 8, 1, 16, 1, "decode bf16 d128 gqa4 q1");
+  test_decode<__nv_bfloat16>(128, 32, 8, 1, 16, 2048, "decode bf16 d128 gqa4 q1 split");
+  test_decode<__half>(64, 6, 2, 3, 5, 2048, "decode f16 d64 gqa3 q3 ps5 split");
+  test_decode<__nv_bfloat16>(256, 4, 1, 8, 16, 64, "decode bf16 d256 mqa q8");
+  std::printf("%d failure(s)\n", failures);
+  return failures ? 1 : 0;
+}
