@@ -215,3 +215,107 @@ def test_batched_thread_attention(hogwild):
             k, v = torch.cat(ks), torch.cat(vs)
             want = _dense_attention(q[i: i + 1], k, v, torch.ones(1, k.shape[0], dtype=torch.bool), D**-0.5)
             torch.testing.assert_close(out[i: i + 1], want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- with a model
+STEPS, PREFIX, PAGE = 16, 10, 4
+FIRST = [5, 17, 33]  # each thread's first token (greedy threads from one prefix would be identical)
+JOIN = 41  # the continuation's first token
+
+
+def _models(arch):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("kvfuse.integrations.hf")
+    from tests.hf_utils import make_model, small_config
+
+    ref = make_model(arch)
+    model = transformers.AutoModelForCausalLM.from_config(small_config(arch), attn_implementation="kvfuse")
+    model.load_state_dict(ref.state_dict())
+    return ref, model.float().eval()
+
+
+def _greedy(step, first, n):
+    """Feed ``first`` then greedy tokens, ``n`` forwards; returns (fed tokens [B, n], logits [B, n, V])."""
+    tok, fed, logits = first, [], []
+    for _ in range(n):
+        out = step(tok)[:, -1]
+        fed.append(tok)
+        logits.append(out)
+        tok = out.argmax(-1, keepdim=True)
+    return torch.cat(fed, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("layout", ["shared", "sequential"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_fork_decode_merge_continue(arch, layout, monkeypatch):
+    """Fork a prompt into 3 threads, greedy-decode 16 tokens each as ONE batch, merge, decode 16 more.
+
+    Compared (float32; tolerance = rounding of summing the same products in another order):
+    * thread phase, both layouts: every thread's logits equal an ordinary causal forward of
+      [prefix, thread] (each thread sees the prefix and itself), so the greedy tokens agree too.
+    * "shared": the continuation's logits equal ONE forward of the whole composed token sequence with
+      the segment mask and the shared positions (the masked re-prefill): exact at every layer.
+    * "sequential": the continuation's logits equal an eager continuation from each thread's own
+      cache with its keys rotated to the new positions (the reference of what "sequential" means;
+      it is NOT a re-prefill at the new positions, see kvfuse.threads).
+    """
+    from kvfuse.integrations import hf
+    from tests.hf_utils import additive_mask, cache_from, cache_layers
+
+    ref, model = _models(arch)
+    cfg = model.config
+    g = torch.Generator().manual_seed(7)
+    prefix_ids = torch.randint(0, cfg.vocab_size, (1, PREFIX), generator=g)
+    store = kvfuse.PagedKVStore.from_hf(cfg, num_pages=64, page_size=PAGE)
+    prefix = store.sequence("prefix")
+    hf.prefill(model, prefix, prefix_ids)
+    threads = kvfuse.fork(prefix, 3)
+    calls = []
+    monkeypatch.setattr(hf, "attention", lambda q, *a, **k: calls.append(q.shape[0]) or kvfuse.attention(q, *a, **k))
+    fed, logits = _greedy(lambda tok: hf.decode(model, threads, tok), torch.tensor(FIRST)[:, None], STEPS)
+    assert calls == [3] * (STEPS * cfg.num_hidden_layers)  # one batched call per layer and step
+
+    tol = dict(atol=2e-5, rtol=2e-5)
+    thread_caches = []
+    with torch.no_grad():
+        for i in range(3):
+            ids = torch.cat([prefix_ids[0], fed[i]])[None]
+            out = ref(ids, use_cache=True)
+            torch.testing.assert_close(logits[i], out.logits[0, PREFIX:], **tol)
+            thread_caches.append(cache_layers(out.past_key_values))
+    assert len({tuple(f.tolist()) for f in fed}) == 3  # the threads differ
+
+    merged = kvfuse.merge(threads, layout)
+    prefix.release()
+    fed_c, logits_c = _greedy(lambda tok: hf.decode(model, [merged], tok), torch.tensor([[JOIN]]), STEPS)
+    n = PREFIX + 3 * STEPS
+    assert merged.num_tokens == n + STEPS
+
+    with torch.no_grad():
+        if layout == "shared":
+            graph = merged.token_graph()  # prefix, three threads, the continuation (pads removed)
+            positions = merged.positions()
+            assert positions[n:].tolist() == list(range(PREFIX + STEPS, PREFIX + 2 * STEPS))
+            ids = torch.cat([prefix_ids[0], *fed, fed_c[0]])[None]
+            want = ref(ids, position_ids=positions[None], attention_mask=additive_mask(graph.dense_mask())).logits
+            want = want[0, n:]
+        else:
+            rope = kvfuse.RopeConfig.from_hf(cfg)
+            kv = []
+            for layer in range(cfg.num_hidden_layers):
+                ks, vs = [thread_caches[0][layer][0][:, :, :PREFIX]], [thread_caches[0][layer][1][:, :, :PREFIX]]
+                for i, c in enumerate(thread_caches):
+                    k, v = c[layer][0][:, :, PREFIX:], c[layer][1][:, :, PREFIX:]
+                    ang = torch.tensor(float(i * STEPS), dtype=torch.float64) * rope.inv_freq()
+                    k = rotate(k.transpose(1, 2), torch.cos(ang).float(), torch.sin(ang).float(), rope.rotary_dim,
+                               rope.interleaved).transpose(1, 2)
+                    ks.append(k)
+                    vs.append(v)
+                kv.append((torch.cat(ks, 2), torch.cat(vs, 2)))
+            pos = torch.arange(n, n + STEPS)[None]
+            assert merged.positions()[n:].tolist() == pos[0].tolist()
+            want = ref(fed_c, position_ids=pos, past_key_values=cache_from(kv, cfg)).logits[0]
+    torch.testing.assert_close(logits_c[0], want, **tol)
+    assert torch.equal(want[:-1].argmax(-1), fed_c[0, 1:])  # same greedy tokens
+    merged.release()
+    assert store.num_free == store.num_pages
