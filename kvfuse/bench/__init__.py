@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 
 from kvfuse.bench.common import DTYPES, HIDDEN_PROVIDERS, PROVIDERS, Ctx, Result, environment, free_memory
 
@@ -156,8 +157,10 @@ def main(argv=None) -> int:
     names = ALL_ORDER if args.command == "all" else (args.command,)
     if args.command not in ("all", "ceilings") and args.measure_ceilings:
         names = ("ceilings",) + names
+    meta["elapsed_s"] = {}
     for name in names:
         mod = importlib.import_module(f"kvfuse.bench.{name}")
+        t0 = time.perf_counter()
         try:
             mod.run(ctx)
         except Exception as e:  # one scenario failing never aborts the others
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
             print(f"\n### {name}: **error**: {type(e).__name__}: {msg}", flush=True)
         finally:
             free_memory(device)
+            meta["elapsed_s"][name] = round(time.perf_counter() - t0, 1)
+            print(f"\n({name}: {meta['elapsed_s'][name]:.0f} s)", flush=True)
     meta["ceilings"] = dict(ctx.ceilings) if ctx.ceilings else None
     meta["ceilings_source"] = "measured in this run" if ctx.ceilings else ("none (CPU)" if ctx.cpu else "anchors")
     _write_outputs(args, meta, ctx)

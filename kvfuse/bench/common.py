@@ -618,3 +618,13 @@ def randn(shape, ctx: Ctx, gen: torch.Generator, dtype=None) -> torch.Tensor:
 
 def generator(ctx: Ctx, seed: int = 0) -> torch.Generator:
     return torch.Generator(device=ctx.device).manual_seed(seed)
+
+
+def dense_mask(graph, device: torch.device) -> torch.Tensor:
+    """`SegmentGraph.dense_mask` (all tokens), built on ``device`` without N^2 index tensors: bool [N, N]."""
+    seg = graph.token_segments().long().to(device)
+    anc = graph.ancestors.to(device)
+    pos = torch.arange(graph.num_tokens, device=device)
+    mask = anc[seg][:, seg]  # [N, S] rows, then the key tokens' columns
+    mask |= (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+    return mask

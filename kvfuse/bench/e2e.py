@@ -29,6 +29,7 @@ from kvfuse.bench.common import (
     Reference,
     Result,
     Skip,
+    dense_mask,
     fmt_bytes,
     opt,
     provider_selection,
@@ -101,14 +102,14 @@ def make_state(ctx: Ctx, model, cfg, P: int, T: int, L: int, page: int, seed: in
             del o, cache
         del prefix_kv
     graph = SegmentGraph.fork_join(P, [L] * T)
-    mask = graph.dense_mask()
-    add = torch.zeros(mask.shape, dtype=ctx.dtype).masked_fill_(~mask, torch.finfo(ctx.dtype).min)
+    mask = dense_mask(graph, dev)
+    add = torch.zeros(mask.shape, dtype=ctx.dtype, device=dev).masked_fill_(~mask, torch.finfo(ctx.dtype).min)
     del mask
     positions = torch.cat([torch.arange(P)] + [torch.arange(P, P + L)] * T).to(dev)
     checked = sorted({0, n_layers // 2, n_layers - 1})
     dst = pool.alloc(pool.num_free)  # spare pages: used only where a segment cannot keep its pages
     return dict(k=pool.k_cache, v=pool.v_cache, seqs=seqs, dst=dst, P=P, T=T, L=L, n=P + T * L,
-                ids=torch.cat(ids)[None], positions=positions[None], mask=add.to(dev)[None, None],
+                ids=torch.cat(ids)[None], positions=positions[None], mask=add[None, None],
                 model=model, checked=checked)
 
 

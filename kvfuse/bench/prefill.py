@@ -27,6 +27,7 @@ from kvfuse.bench.common import (
     Provider,
     Reference,
     Skip,
+    dense_mask,
     fmt_bytes,
     free_bytes,
     generator,
@@ -183,7 +184,7 @@ def providers(ctx: Ctx, causal_flops: float) -> list[Provider]:
         if need > free_bytes(ctx.device) // 3:
             raise Skip(f"the dense {n}x{n} mask and its bias need ~{fmt_bytes(need)}; does not fit")
         q, k, v = sdpa_inputs(st)
-        mask = st["graph"].dense_mask().to(ctx.device)[None, None]
+        mask = dense_mask(st["graph"], ctx.device)[None, None]
         return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def make_flashinfer(st):
