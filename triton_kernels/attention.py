@@ -17,6 +17,8 @@ through the block table, so any page size works.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -29,13 +31,13 @@ DECODE_MAX_Q = 16
 
 def tile_shape(head_dim: int, max_q_len: int) -> tuple[int, int]:
     """(block_q, block_k) the plan is classified with. Decode (few queries per sequence) takes
-    ``block_q`` = the next power of two of the query count; prefill takes 128-query tiles (64 for
+    ``block_q`` = the next power of two of the query count; prefill takes 128×128 tiles (64×64 for
     head_dim 256). Under the interpreter the tiles are 32 wide so small tests span many tiles."""
     if max_q_len <= DECODE_MAX_Q:
         return triton.next_power_of_2(max(1, max_q_len)), 16 if interpreting() else 128
     if interpreting():
         return 32, 32
-    return (64, 64) if head_dim > 128 else (128, 64)
+    return (64, 64) if head_dim > 128 else (128, 128)
 
 
 LN2_C = tl.constexpr(LN2)
@@ -62,20 +64,19 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr, kt_full_ptr, n, qseg,
+def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr, n, qseg,
           qtok, r_ok, kvh, qk_scale, HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
-          PREC: tl.constexpr, UPCAST: tl.constexpr):
+          PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
     """One key tile of the online softmax: scores, the element mask on partial tiles, rescale, P @ V."""
     d = tl.arange(0, D)
     kt = tl.load(kt_index_ptr + i)
-    full = tl.load(kt_full_ptr + i)
     ktok = kt * BK + tl.arange(0, BK)
     k_ok = ktok < n
     page = tl.load(bt_base + ktok // PAGE, mask=k_ok, other=0)
     kv_row = ((page.to(tl.int64) * PAGE + ktok % PAGE) * HKV + kvh) * D
     k = tl.load(k_ptr + kv_row[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
     s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-    if (full == 0) | (kt * BK + BK > n):
+    if MASK:
         kseg = tl.load(seg_base + ktok, mask=k_ok, other=-2)
         anc = tl.load(anc_base[:, None] + kseg[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0)
         vis = (anc != 0) | ((qseg[:, None] == kseg[None, :]) & (ktok[None, :] <= qtok[:, None]))
@@ -92,7 +93,7 @@ def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_ind
 
 @triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr, seg_ptr, anc_ptr,
-                 work_seq_ptr, work_qtile_ptr, kt_indptr_ptr, kt_index_ptr, kt_full_ptr,
+                 work_seq_ptr, work_qtile_ptr, kt_indptr_ptr, kt_index_ptr, nfull_ptr,
                  qk_scale, num_work, bt_stride, seg_stride, num_segs, total_q,
                  HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
                  D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, GP: tl.constexpr, HPP: tl.constexpr,
@@ -131,21 +132,32 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr,
 
     i0 = tl.load(kt_indptr_ptr + w)
     i1 = tl.load(kt_indptr_ptr + w + 1)
+    f1 = i0 + tl.load(nfull_ptr + w)  # the work item's tiles are ordered full first, then partial
     if NSPLIT > 1:
         chunk = tl.cdiv(i1 - i0, NSPLIT)
         i0 = i0 + split * chunk
         i1 = tl.minimum(i0 + chunk, i1)
+    fa = tl.minimum(f1, i1)
+    pb = tl.maximum(f1, i0)
     # the interpreter cannot take loaded scalars as range() bounds; compiled code needs range() to pipeline
     if INTERP:
         i = i0
+        while i < fa:
+            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
+                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, False)
+            i += 1
+        i = pb
         while i < i1:
             m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  kt_full_ptr, n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP)
+                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, True)
             i += 1
     else:
-        for i in range(i0, i1):
+        for i in range(i0, fa):
             m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  kt_full_ptr, n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP)
+                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, False)
+        for i in range(pb, i1):
+            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
+                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, True)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -218,6 +230,29 @@ def num_splits(work: int, hkv: int, max_tiles: int, device: torch.device) -> int
     return int(max(1, min(want, max_tiles // min_tiles, 64)))
 
 
+_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k: int):
+    """Reorder each work item's key tiles so the full ones come first (then the kernel runs two
+    branch-free loops: no mask code at all on full tiles), and count them. A full tile that runs past
+    the sequence's end counts as partial. Cached per tile map (plans are reused by every layer); no
+    host synchronisation, so it can be captured in a CUDA graph."""
+    hit = _ORDERS.get(kt_index)
+    if hit is not None and hit[0] is kt_full and hit[1] == block_k:
+        return hit[2], hit[3]
+    work = work_seq.numel()
+    counts = (kt_indptr[1:] - kt_indptr[:-1]).long()
+    w_of = torch.repeat_interleave(torch.arange(work, device=kt_index.device), counts, output_size=kt_index.numel())
+    n = kv_lens.long()[work_seq.long()][w_of]
+    full = (kt_full != 0) & ((kt_index.long() + 1) * block_k <= n)
+    order = torch.sort(w_of * 2 + (~full).long(), stable=True).indices
+    kt_order = kt_index[order].contiguous()
+    n_full = torch.zeros(work, dtype=torch.int32, device=kt_index.device).index_add_(0, w_of, full.to(torch.int32))
+    _ORDERS[kt_index] = (kt_full, block_k, kt_order, n_full)
+    return kt_order, n_full
+
+
 def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, work_seq,
                       work_qtile, kt_indptr, kt_index, kt_full, block_q: int, block_k: int, sm_scale: float):
     """Segment-masked attention over a paged pool with the plan's tile map.
@@ -248,13 +283,14 @@ def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, toke
         gp, hpp, bm, nsplit = 1, 1, block_q, 1
         grid = (hq, work, 1)
     kernel, launch = _kernel(decode, d)
+    kt_order, n_full = full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k)
     if nsplit > 1:
         o_dst = torch.empty(nsplit, total_q, hq, d, dtype=torch.float32, device=q.device)
         l_dst = torch.empty(nsplit, total_q, hq, dtype=torch.float32, device=q.device)
     else:
         o_dst, l_dst = out, lse
     kernel[grid](q, k_cache, v_cache, o_dst, l_dst, block_table, kv_lens, qo_indptr, token_seg, ancestors,
-                 work_seq, work_qtile, kt_indptr, kt_index, kt_full, float(sm_scale) * LOG2E, work,
+                 work_seq, work_qtile, kt_indptr, kt_order, n_full, float(sm_scale) * LOG2E, work,
                  block_table.stride(0), token_seg.stride(0), ancestors.shape[-1], total_q,
                  HQ=hq, HKV=hkv, GROUP=group, PAGE=page, D=d, BQ=block_q, BK=block_k, GP=gp, HPP=hpp, BM=bm,
                  NSPLIT=nsplit, PREC=prec, INTERP=interpreting(), **launch)
