@@ -140,10 +140,11 @@ def providers(ctx: Ctx, masked: bool) -> list[Provider]:
                                                   block_table=st["block_table"])[:, 0]
 
     flat = lambda st, out: out
+    api = " (public API)" if ctx.args.api else ""
     return [
-        Provider("torch", "torch (kvfuse reference)", make_torch),
-        Provider("triton", "kvfuse triton", kvfuse_attention(ctx, "triton")),
-        Provider("cuda", "kvfuse cuda", kvfuse_attention(ctx, "cuda")),
+        Provider("torch", "torch (kvfuse reference)" + api, make_torch),
+        Provider("triton", "kvfuse triton" + api, kvfuse_attention(ctx, "triton")),
+        Provider("cuda", "kvfuse cuda" + api, kvfuse_attention(ctx, "cuda")),
         Provider("sdpa", "sdpa" + (" (bool mask)" if masked else ""), make_sdpa, output=flat,
                  note="contiguous K/V"),
         Provider("flex", "flex (compiled)" if not ctx.cpu else "flex (eager on CPU)", make_flex,

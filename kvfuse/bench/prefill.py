@@ -213,10 +213,11 @@ def providers(ctx: Ctx, causal_flops: float) -> list[Provider]:
         return lambda: fa.flash_attn_func(q, k, v, causal=True)
 
     dense = "dense causal: more pairs than needed, TFLOP/s per causal pair"
+    api = " (public API)" if ctx.args.api else ""
     provs = [
-        Provider("torch", "torch (kvfuse reference)", make_torch, output=_rows),
-        Provider("triton", "kvfuse triton", kvfuse_attention(ctx, "triton"), output=_rows),
-        Provider("cuda", "kvfuse cuda", kvfuse_attention(ctx, "cuda"), output=_rows),
+        Provider("torch", "torch (kvfuse reference)" + api, make_torch, output=_rows),
+        Provider("triton", "kvfuse triton" + api, kvfuse_attention(ctx, "triton"), output=_rows),
+        Provider("cuda", "kvfuse cuda" + api, kvfuse_attention(ctx, "cuda"), output=_rows),
         Provider("flex", "flex (compiled, BlockMask 128)" if not ctx.cpu else "flex (eager on CPU)", make_flex,
                  output=_bhnd_rows, note="contiguous K/V"),
         Provider("sdpa", "sdpa (dense bool mask)", make_sdpa_mask, output=_bhnd_rows, note="contiguous K/V"),
