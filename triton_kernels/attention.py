@@ -230,7 +230,7 @@ def num_splits(work: int, hkv: int, max_tiles: int, device: torch.device) -> int
     return int(max(1, min(want, max_tiles // min_tiles, 64)))
 
 
-_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ORDERS: dict = {}  # id(kt_index) -> (weakref to it, kt_full, block_k, kt_order, n_full)
 
 
 def full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k: int):
@@ -238,9 +238,9 @@ def full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k: int):
     branch-free loops: no mask code at all on full tiles), and count them. A full tile that runs past
     the sequence's end counts as partial. Cached per tile map (plans are reused by every layer); no
     host synchronisation, so it can be captured in a CUDA graph."""
-    hit = _ORDERS.get(kt_index)
-    if hit is not None and hit[0] is kt_full and hit[1] == block_k:
-        return hit[2], hit[3]
+    hit = _ORDERS.get(id(kt_index))
+    if hit is not None and hit[0]() is kt_index and hit[1] is kt_full and hit[2] == block_k:
+        return hit[3], hit[4]
     work = work_seq.numel()
     counts = (kt_indptr[1:] - kt_indptr[:-1]).long()
     w_of = torch.repeat_interleave(torch.arange(work, device=kt_index.device), counts, output_size=kt_index.numel())
@@ -249,7 +249,9 @@ def full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k: int):
     order = torch.sort(w_of * 2 + (~full).long(), stable=True).indices
     kt_order = kt_index[order].contiguous()
     n_full = torch.zeros(work, dtype=torch.int32, device=kt_index.device).index_add_(0, w_of, full.to(torch.int32))
-    _ORDERS[kt_index] = (kt_full, block_k, kt_order, n_full)
+    for key in [k for k, v in _ORDERS.items() if v[0]() is None]:  # drop the entries of dead plans
+        del _ORDERS[key]
+    _ORDERS[id(kt_index)] = (weakref.ref(kt_index), kt_full, block_k, kt_order, n_full)
     return kt_order, n_full
 
 
