@@ -35,7 +35,8 @@ def row(section, provider, ms, nbytes, ceiling_ms=None):
 
 
 def copy_ms(nbytes):
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEV).normal_()
+    """A device-to-device copy that reads nbytes / 2 and writes nbytes / 2."""
+    src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device=DEV).normal_()
     dst = torch.empty_like(src)
     return bench(lambda: dst.copy_(src))
 
