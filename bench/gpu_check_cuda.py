@@ -132,8 +132,8 @@ def small():
     ck.merge_states(va, torch.randn(10, 3, device=DEV), vb, torch.full((10, 3), -math.inf, device=DEV))
     g = kvfuse.SegmentGraph.fork_join(prefix=50, threads=[30, 21])
     plan = kvfuse.plan(kvfuse.AttentionSpec([g, g], q_lens=[3, 1], device=DEV))
-    kc = torch.randn(40, 5, 2, 128, device=DEV).to(torch.bfloat16)
-    table = torch.randperm(40, device=DEV, dtype=torch.int32).view(2, 20)
+    kc = torch.randn(42, 5, 2, 128, device=DEV).to(torch.bfloat16)  # 101 tokens = 21 pages of 5 each
+    table = torch.randperm(42, device=DEV, dtype=torch.int32).view(2, 21)
     q = torch.randn(4, 6, 128, device=DEV).to(torch.bfloat16)
     out = kvfuse.attention(q, kc, kc, table, plan, backend="cuda")
     torch.cuda.synchronize()
