@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +53,6 @@ else:
     print(f"kvfuse: building without the CUDA extension: {why_not}", file=sys.stderr)
 
 setup(
-    packages=["kvfuse", "kvfuse.reference", "kvfuse.backends", "kvfuse.triton_kernels"],
-    package_dir={"kvfuse.triton_kernels": "triton_kernels"},
+    packages=find_packages(include=["kvfuse", "kvfuse.*"]),
     **kwargs,
 )

@@ -76,7 +76,10 @@ class AttentionPlan:
             if not 0 <= ql <= n:
                 raise ValueError(f"AttentionSpec.q_lens[{i}]={ql} must lie in [0, kv_len={n}]")
         self.graphs, self.q_lens, self.kv_lens_list = graphs, q_lens, kv
-        self.device = torch.device(spec.device)
+        dev = torch.device(spec.device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" means the current device, as for tensors
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
         self.batch_size = len(graphs)
         self.total_q = sum(q_lens)
         self.max_kv = max(kv)
