@@ -127,7 +127,9 @@ def small():
     v = torch.randn_like(k)
     cos, sin, idx = tables(9, 64, DEV)
     ck.rerotate_(k, torch.arange(9, device=DEV) * 3, idx, cos, sin, 64, True)
-    ck.compose_copy_(k, v, torch.arange(9, device=DEV), torch.arange(9, device=DEV) + 20, idx, cos, sin, 32, False)
+    cos32, sin32, idx32 = tables(9, 32, DEV)  # rotary_dim 32 of head_dim 64: a [U, 16] table
+    ck.compose_copy_(k, v, torch.arange(9, device=DEV), torch.arange(9, device=DEV) + 20, idx32, cos32, sin32, 32,
+                     False)
     va, vb = torch.randn(2, 10, 3, 64, device=DEV).unbind(0)
     ck.merge_states(va, torch.randn(10, 3, device=DEV), vb, torch.full((10, 3), -math.inf, device=DEV))
     g = kvfuse.SegmentGraph.fork_join(prefix=50, threads=[30, 21])
