@@ -2,6 +2,7 @@
 segment attention), with pure-torch references as fallback and oracle."""
 
 from kvfuse.attention import AttentionPlan, AttentionSpec, attention, lse_from_base2, lse_to_base2, plan
+from kvfuse.compat import flash_attn_with_kvcache, sdpa
 from kvfuse.compose import Composed, SourceSegment, compose, pages_needed
 from kvfuse.dispatch import BackendNotSupported, available
 from kvfuse.merge_states import merge_states
@@ -9,19 +10,13 @@ from kvfuse.paged import PagePool, gather_kv, slots_of, write_kv_
 from kvfuse.rerotate import rerotate_
 from kvfuse.rope import RopeConfig
 from kvfuse.segments import Segment, SegmentGraph
+from kvfuse.threads import BatchPlan, PagedKVStore, SegmentInfo, Sequence, batch_plan, fork, merge
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionPlan", "AttentionSpec", "BackendNotSupported", "Composed", "PagePool", "RopeConfig", "Segment",
-    "SegmentGraph", "SourceSegment", "attention", "available", "compose", "gather_kv", "lse_from_base2",
-    "lse_to_base2", "merge_states", "pages_needed", "plan", "rerotate_", "slots_of", "write_kv_",
+    "AttentionPlan", "AttentionSpec", "BackendNotSupported", "BatchPlan", "Composed", "PagePool", "PagedKVStore",
+    "RopeConfig", "Segment", "SegmentGraph", "SegmentInfo", "Sequence", "SourceSegment", "attention", "available",
+    "batch_plan", "compose", "flash_attn_with_kvcache", "fork", "gather_kv", "lse_from_base2", "lse_to_base2",
+    "merge", "merge_states", "pages_needed", "plan", "rerotate_", "sdpa", "slots_of", "write_kv_",
 ]
-
-from kvfuse.threads import BatchPlan, PagedKVStore, SegmentInfo, Sequence, batch_plan, fork, merge  # noqa: E402
-
-__all__ += ["BatchPlan", "PagedKVStore", "Sequence", "SegmentInfo", "batch_plan", "fork", "merge"]
-
-from kvfuse.compat import flash_attn_with_kvcache, sdpa  # noqa: E402
-
-__all__ += ["flash_attn_with_kvcache", "sdpa"]
