@@ -47,6 +47,8 @@ class RopeConfig:
             ``mscale``/``mscale_all_dim`` as Hugging Face does.
         inv_freq_dtype: "float32" reproduces the float32 frequency table of Hugging Face models
             bit for bit; "float64" computes it exactly.
+        inv_freq_values: the frequencies themselves, overriding the formula (``from_hf_model`` reads
+            them off a loaded model, whose buffer may have been rounded, e.g. by ``model.to(bf16)``).
 
     Example:
         >>> cfg = RopeConfig(head_dim=128, theta=500000.0)
@@ -70,6 +72,7 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     inv_freq_dtype: str = "float32"
+    inv_freq_values: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.rotary_dim is None:
@@ -91,6 +94,12 @@ class RopeConfig:
             raise ValueError(
                 f"RopeConfig.original_max_position_embeddings is required for rope_type={self.rope_type!r}"
             )
+        if self.inv_freq_values is not None:
+            vals = tuple(float(x) for x in self.inv_freq_values)
+            if len(vals) != rd // 2:
+                raise ValueError(f"RopeConfig.inv_freq_values must hold rotary_dim // 2 = {rd // 2} values, "
+                                 f"got {len(vals)}")
+            object.__setattr__(self, "inv_freq_values", vals)
         if self.inv_freq_dtype not in ("float32", "float64"):
             raise ValueError(f"RopeConfig.inv_freq_dtype must be 'float32' or 'float64', got {self.inv_freq_dtype!r}")
 
@@ -130,6 +139,22 @@ class RopeConfig:
         return cos.to(dev), sin.to(dev), index.to(device=dev, dtype=torch.int32)
 
     # ------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf_model(cls, model: Any, **overrides) -> RopeConfig:
+        """Like `from_hf` on ``model.config``, but with the inverse frequencies the loaded model
+        really rotates with (its ``rotary_emb.inv_freq`` buffer).
+
+        They differ from the config's when the buffer was rounded: ``model.to(torch.bfloat16)``
+        casts it to bf16 (HF models loaded with ``dtype=`` keep it in float32), and the model's keys
+        are then rotated with those rounded frequencies -- re-rotating them with exact ones would not
+        match what the model computes at the new positions.
+        """
+        cfg = cls.from_hf(model.config, **overrides)
+        buf = next((b for name, b in model.named_buffers() if name.endswith("rotary_emb.inv_freq")), None)
+        if buf is None or buf.numel() != cfg.rotary_dim // 2:
+            return cfg
+        return dataclasses.replace(cfg, inv_freq_values=tuple(buf.detach().double().cpu().tolist()))
+
     @classmethod
     def from_hf(cls, config: Any, **overrides) -> RopeConfig:
         """Build from a Hugging Face ``PretrainedConfig`` (Llama incl. llama3 scaling, Mistral,
@@ -217,6 +242,8 @@ def _inv_freq_cached(cfg: RopeConfig) -> torch.Tensor:
 
 def _compute_inv_freq(cfg: RopeConfig) -> torch.Tensor:
     """Mirrors the formulas of the Hugging Face RoPE initialisers, in the chosen precision."""
+    if cfg.inv_freq_values is not None:
+        return torch.tensor(cfg.inv_freq_values, dtype=torch.float64)
     dt = torch.float32 if cfg.inv_freq_dtype == "float32" else torch.float64
     dim = cfg.rotary_dim
     exps = torch.arange(0, dim, 2, dtype=torch.int64).to(dt) / dim

@@ -163,3 +163,22 @@ def test_large_positions_keep_precision():
     got = _rot(apply_rope(x, torch.full((5,), p), cfg), d, cfg).double()
     want = apply_rope(x, torch.full((5,), p + d), cfg).double()
     assert (got - want).abs().max() < 1e-5
+
+
+def test_from_hf_model_uses_the_models_rounded_frequencies():
+    """model.to(bf16) rounds HF's inv_freq buffer; re-rotation must use what the model rotates with."""
+    hf_cfg = HF_CONFIGS["llama"]()
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(torch.bfloat16)
+    exact = RopeConfig.from_hf(hf_cfg)
+    actual = RopeConfig.from_hf_model(model)
+    buf = model.model.rotary_emb.inv_freq
+    assert buf.dtype == torch.bfloat16 and not torch.equal(exact.inv_freq(), actual.inv_freq())
+    assert torch.equal(actual.inv_freq(), buf.double())
+    # a model loaded with dtype= keeps float32 frequencies: from_hf_model then equals from_hf
+    m32 = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
+    assert torch.equal(RopeConfig.from_hf_model(m32).inv_freq(), exact.inv_freq())
+
+
+def test_inv_freq_values_validation():
+    with pytest.raises(ValueError, match="inv_freq_values"):
+        RopeConfig(head_dim=8, inv_freq_values=(1.0, 0.5))
