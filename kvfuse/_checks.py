@@ -43,6 +43,13 @@ def check_index_range(name: str, t: torch.Tensor, upper: int, what: str) -> None
         raise ValueError(f"{name} holds {what} outside [0, {upper}): min {int(t.min())}, max {int(t.max())}")
 
 
-def check_unique(name: str, t: torch.Tensor, what: str) -> None:
-    if t.numel() and torch.unique(t).numel() != t.numel():
+def check_unique(name: str, t: torch.Tensor, what: str, upper: int | None = None) -> None:
+    """No value twice. With ``upper`` (values known to lie in [0, upper)) a counting pass replaces the sort."""
+    if not t.numel():
+        return
+    if upper is not None:
+        dup = bool(torch.bincount(t.long(), minlength=upper).max() > 1)
+    else:
+        dup = torch.unique(t).numel() != t.numel()
+    if dup:
         raise ValueError(f"{name} holds duplicate {what}; each must appear once")

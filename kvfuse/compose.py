@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -41,17 +42,24 @@ class SourceSegment:
 class Composed:
     """A composed sequence.
 
-    pages: int32 page table; length: tokens; positions: int64 ``[length]`` RoPE position of every
-    token; ranges: token range of each source segment; new_pages: destination pages written by the
-    copy; reused_pages: source pages taken over without a copy (given up or shared read-only).
+    pages: int32 page table; length: tokens; ranges: token range of each source segment;
+    starts: the new RoPE position of each segment's first token; new_pages: destination pages written
+    by the copy; reused_pages: source pages taken over without a copy (given up or shared read-only).
+    ``positions`` (int64 ``[length]``, the position of every token) is built on first use, so that a
+    zero-copy composition costs metadata only.
     """
 
     pages: torch.Tensor
     length: int
-    positions: torch.Tensor
     ranges: list[tuple[int, int]]
+    starts: list[int]
     new_pages: torch.Tensor
     reused_pages: torch.Tensor
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        parts = [torch.arange(p, p + (b - a), dtype=torch.int64) for (a, b), p in zip(self.ranges, self.starts)]
+        return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)).to(self.pages.device)
 
 
 @dataclasses.dataclass
@@ -110,9 +118,9 @@ def _plan_layout(segments, page_size, new_positions) -> _Layout:
     return lay
 
 
-def _page_table(segments, lay: _Layout, dst: torch.Tensor, device) -> torch.Tensor:
+def _page_table(segments, lay: _Layout, dst: torch.Tensor, device, num_pages: int) -> torch.Tensor:
     """Validate the destination pages and assemble the composed page table (int32)."""
-    check_unique("dst_pages", dst, "page ids")
+    check_unique("dst_pages", dst, "page ids", upper=num_pages)
     if dst.numel() < lay.n_new:
         raise ValueError(f"dst_pages: this composition copies into {lay.n_new} pages, got {dst.numel()}")
     dst = dst[: lay.n_new]
@@ -127,7 +135,7 @@ def _page_table(segments, lay: _Layout, dst: torch.Tensor, device) -> torch.Tens
             parts.append(dst[used: used + payload].to(torch.int32))
             used += payload
     table = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=device)
-    check_unique("the composed page table", table, "page ids (two segments share a page)")
+    check_unique("the composed page table", table, "page ids (two segments share a page)", upper=num_pages)
     return table
 
 
@@ -206,7 +214,7 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         check_pages("dst_pages", dst_pages, k_cache)
         dst = dst_pages.to(k_cache.device)
     try:
-        table = _page_table(segments, lay, dst, k_cache.device)
+        table = _page_table(segments, lay, dst, k_cache.device, k_cache.shape[-4])
     except (ValueError, TypeError):
         if pool is not None:
             pool.free(dst)
@@ -237,11 +245,10 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         b = choose("rerotate_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim, interleaved=rope.interleaved)
         _ops.rerotate_op(k_cache, torch.cat(slots), idx, cos, sin, rope.rotary_dim, rope.interleaved, b)
 
-    positions_t = torch.cat([torch.arange(p, p + s.length, dtype=torch.int64) for s, p in zip(segments, new_pos)])
     ranges, off = [], 0
     for s in segments:
         ranges.append((off, off + s.length))
         off += s.length
     reused = [p for k, p in lay.table if k == "reuse"]
     reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
-    return Composed(table, length, positions_t.to(k_cache.device), ranges, dst, reused_t.to(k_cache.device))
+    return Composed(table, length, ranges, new_pos, dst, reused_t.to(k_cache.device))

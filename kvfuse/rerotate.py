@@ -60,7 +60,7 @@ def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, old_positions: torch.T
     if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= n_slots):
         raise ValueError(f"slots must lie in [0, num_pages * page_size = {n_slots}), "
                          f"got min {int(slots.min())}, max {int(slots.max())}")
-    check_unique("slots", slots, "slot ids")
+    check_unique("slots", slots, "slot ids", upper=n_slots)
     check_positions("old_positions", old_positions, slots.numel())
     check_positions("new_positions", new_positions, slots.numel())
     if slots.numel() == 0:

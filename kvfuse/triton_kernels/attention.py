@@ -22,6 +22,7 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+
 from kvfuse.triton_kernels._common import interpreting, sm_count
 
 LOG2E = 1.4426950408889634

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from kvfuse.triton_kernels._common import elems_per_program, slot_block
 
 
