@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from kvfuse import _ops
-from kvfuse._checks import check_cache, check_same_pool, check_unique
+from kvfuse._checks import check_cache, check_same_pool, check_tensor, check_unique
 from kvfuse.dispatch import choose
 from kvfuse.paged import PagePool, check_pages, slots_of
 from kvfuse.rerotate import check_rope
@@ -118,7 +118,7 @@ def _plan_layout(segments, page_size, new_positions) -> _Layout:
     return lay
 
 
-def _page_table(segments, lay: _Layout, dst: torch.Tensor, device, num_pages: int) -> torch.Tensor:
+def _page_table(segments, lay: _Layout, dst: torch.Tensor, num_pages: int) -> torch.Tensor:
     """Validate the destination pages and assemble the composed page table (int32)."""
     check_unique("dst_pages", dst, "page ids", upper=num_pages)
     if dst.numel() < lay.n_new:
@@ -134,7 +134,7 @@ def _page_table(segments, lay: _Layout, dst: torch.Tensor, device, num_pages: in
         else:
             parts.append(dst[used: used + payload].to(torch.int32))
             used += payload
-    table = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=device)
+    table = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
     check_unique("the composed page table", table, "page ids (two segments share a page)", upper=num_pages)
     return table
 
@@ -191,9 +191,17 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     for i, s in enumerate(segments):
         if not isinstance(s, SourceSegment):
             raise TypeError(f"segments[{i}] must be a kvfuse.SourceSegment, got {type(s).__name__}")
-        check_pages(f"segments[{i}].pages", s.pages, k_cache)
+        check_tensor(f"segments[{i}].pages", s.pages, ndim=1, dtype=(torch.int32, torch.int64))
         if s.pages.device != k_cache.device:
             raise ValueError(f"segments[{i}].pages must be on {k_cache.device}, got {s.pages.device}")
+    # all bookkeeping runs on host copies of the page lists, fetched with one transfer: a composition
+    # that moves no data then costs a few host operations and no device round trips
+    device = k_cache.device
+    sizes = [s.pages.numel() for s in segments]
+    host = torch.cat([s.pages.to(torch.int64) for s in segments]).cpu().split(sizes)
+    segments = [dataclasses.replace(s, pages=h) for s, h in zip(segments, host)]
+    for i, s in enumerate(segments):
+        check_pages(f"segments[{i}].pages", s.pages, k_cache)
         if s.start < 0 or s.length < 0 or s.start + s.length > s.pages.numel() * page_size:
             raise ValueError(f"segments[{i}]: tokens [{s.start}, {s.start + s.length}) do not fit its "
                              f"{s.pages.numel()} pages of {page_size}")
@@ -207,14 +215,14 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
 
     pool = dst_pages if isinstance(dst_pages, PagePool) else None
     if pool is not None:
-        dst = pool.alloc(lay.n_new).to(k_cache.device)
+        dst = pool.alloc(lay.n_new).cpu()
     elif dst_pages is None:
-        dst = torch.empty(0, dtype=torch.int32, device=k_cache.device)
+        dst = torch.empty(0, dtype=torch.int32)
     else:
         check_pages("dst_pages", dst_pages, k_cache)
-        dst = dst_pages.to(k_cache.device)
+        dst = dst_pages.cpu()
     try:
-        table = _page_table(segments, lay, dst, k_cache.device, k_cache.shape[-4])
+        table = _page_table(segments, lay, dst, k_cache.shape[-4])
     except (ValueError, TypeError):
         if pool is not None:
             pool.free(dst)
@@ -230,10 +238,10 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             src.append(slots_of(s.pages, s.start, s.length, page_size))
             dsts.append(slots_of(table, off, s.length, page_size))
             deltas.append(torch.full((s.length,), new_pos[i] - s.position, dtype=torch.int64))
-        cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=k_cache.device)
+        cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=device)
         b = choose("compose_copy_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim,
                    interleaved=rope.interleaved)
-        _ops.compose_copy_op(k_cache, v_cache, torch.cat(src), torch.cat(dsts), idx, cos, sin,
+        _ops.compose_copy_op(k_cache, v_cache, torch.cat(src).to(device), torch.cat(dsts).to(device), idx, cos, sin,
                              rope.rotary_dim, rope.interleaved, b)
     if lay.rotations:
         slots, deltas = [], []
@@ -241,9 +249,9 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             s = segments[i]
             slots.append(slots_of(s.pages, s.start, s.length, page_size))
             deltas.append(torch.full((s.length,), new_pos[i] - s.position, dtype=torch.int64))
-        cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=k_cache.device)
+        cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=device)
         b = choose("rerotate_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim, interleaved=rope.interleaved)
-        _ops.rerotate_op(k_cache, torch.cat(slots), idx, cos, sin, rope.rotary_dim, rope.interleaved, b)
+        _ops.rerotate_op(k_cache, torch.cat(slots).to(device), idx, cos, sin, rope.rotary_dim, rope.interleaved, b)
 
     ranges, off = [], 0
     for s in segments:
@@ -251,4 +259,4 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         off += s.length
     reused = [p for k, p in lay.table if k == "reuse"]
     reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
-    return Composed(table, length, ranges, new_pos, dst, reused_t.to(k_cache.device))
+    return Composed(table.to(device), length, ranges, new_pos, dst.to(device), reused_t.to(device))
