@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from kvfuse import bench
 from kvfuse.bench import common
@@ -20,6 +21,8 @@ TINY = {
                "--head-dim", "16", "--page-size", "4"],
     "e2e": ["--layers", "1", "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--context", "32",
             "--threads", "2", "--page-size", "4"],
+    "threads": ["--layers", "1", "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--prefix", "18",
+                "--steps", "2", "--threads", "1,3", "--page-size", "4"],
     "ceilings": [],
 }
 
@@ -32,7 +35,7 @@ def _run(tmp_path, *argv):
 
 @pytest.mark.parametrize("scenario", list(TINY))
 def test_every_subcommand_runs(tmp_path, capsys, scenario):
-    if scenario == "e2e":
+    if scenario in ("e2e", "threads"):
         pytest.importorskip("transformers")
     rc, data = _run(tmp_path, scenario, "--check", *TINY[scenario])
     assert rc == 0
@@ -135,8 +138,12 @@ def test_plot(tmp_path, capsys):
     (["all", "--sweep", "1,2"], "--sweep applies to one scenario"),
     (["decode", "--sweep", "1,a"], "comma-separated positive integers"),
     (["prefill", "--prefix", "-1"], "integer >= 0"),
+    (["compose", "--threads", "2,4"], "--threads takes one value for 'compose'"),
+    (["all", "--threads", "2,4"], "--threads takes one value for 'all'"),
+    (["threads", "--threads", "2,x"], "positive integer or a comma list"),
+    (["threads", "--steps", "0"], "positive integer"),
 ], ids=["no-scenario", "bad-scenario", "zero-pages", "text-pages", "bad-provider", "bad-dtype", "sweep-all",
-        "bad-sweep", "negative-prefix"])
+        "bad-sweep", "negative-prefix", "threads-list-compose", "threads-list-all", "bad-threads", "zero-steps"])
 def test_bad_arguments_are_usage_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
@@ -150,5 +157,52 @@ def test_help_lists_scenarios(capsys):
         bench.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("rerotate", "compose", "prefill", "decode", "e2e", "all", "ceilings"):
+    for name in ("rerotate", "compose", "prefill", "decode", "e2e", "threads", "all", "ceilings"):
         assert name in out
+
+
+def test_threads_rows_and_check(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    from kvfuse.bench import threads
+
+    monkeypatch.setattr(threads, "PREFILL_CHUNK", 8)  # the 18-token prefix is prefilled in 3 chunks
+    rc, data = _run(tmp_path, "threads", "--check", *TINY["threads"])
+    assert rc == 0
+    rows = data["results"]
+    assert [(r["x"], r["provider"]) for r in rows] == [(1, "batched"), (1, "one-by-one"), (3, "batched"),
+                                                        (3, "one-by-one")]
+    for r in rows:
+        assert r["status"] == "ok" and r["unit"] == "tok/s" and r["ms"] > 0
+        assert r["value"] == pytest.approx(r["x"] * 1000 / r["ms"])
+        assert r["baseline"] == f"one-by-one: {r['x']} hf.decode calls of 1 row per step"
+    for b, s in (rows[0:2], rows[2:4]):
+        assert b["checked"] and b["max_err"] < 1e-4  # fp32 on CPU: the two paths agree to rounding
+        n = b["x"] * (2 + threads.WARMUP_STEPS)
+        assert f"greedy tokens equal {n}/{n}, 0 near ties" in b["note"]
+        assert b["speedup"] == pytest.approx(s["ms"] / b["ms"]) and s["speedup"] == pytest.approx(1.0)
+    out = capsys.readouterr().out
+    assert "### threads: summary (CPU timings)" in out and "| T | batched ms/step |" in out
+
+
+def test_threads_check_catches_a_wrong_batched_path(tmp_path):
+    pytest.importorskip("transformers")
+    argv = [a if a != "1,3" else "2" for a in TINY["threads"]]
+    rc, data = _run(tmp_path, "threads", "--check", "--providers", "_wrong", *argv)
+    assert rc == 1
+    batched, single = data["results"]
+    assert batched["status"] == "WRONG" and batched["ms"] is None and "not timed" in batched["note"]
+    assert single["status"] == "ok" and single["ms"] > 0
+
+
+def test_e2e_takes_a_list_of_thread_counts():
+    from kvfuse.bench import e2e
+
+    ap = bench.build_parser()
+    args = ap.parse_args(["e2e", "--threads", "2,4,8", "--context", "64", "--device", "cpu"])
+    bench._validate(ap, args)
+    ctx = common.Ctx(args, torch.device("cpu"))
+    assert e2e.default_cases(ctx) == [(32, 2, 16), (32, 4, 8), (32, 8, 4)]
+    args = ap.parse_args(["e2e", "--threads", "2,4", "--sweep", "64,128", "--device", "cpu"])
+    bench._validate(ap, args)
+    ctx = common.Ctx(args, torch.device("cpu"))
+    assert e2e.default_cases(ctx) == [(32, 2, 16), (32, 4, 8), (64, 2, 32), (64, 4, 16)]

@@ -4,6 +4,7 @@
     kvfuse-bench rerotate --providers triton,flashinfer --pages 4096 --page-size 64
     kvfuse-bench prefill --sweep 1024,2048,4096 --plot prefill.png
     python -m kvfuse.bench decode --context 8192 --csv decode.csv
+    kvfuse-bench threads --threads 2,4,8 --check --json threads.json
 
 Each scenario prints one GitHub-markdown table per case: provider, median / p20 / p80 milliseconds,
 TB/s or effective TFLOP/s, fraction of the ceiling and speed-up over the baseline. Providers that
@@ -26,9 +27,10 @@ SCENARIOS = {
     "prefill": "block-sparse cross-thread prefill (section 3)",
     "decode": "paged decode after a merge, with and without the cross-thread mask (section 4)",
     "e2e": "merge versus text re-prefill on a Llama-3-8B-shaped model (section 5)",
+    "threads": "T threads decoded as one batch (hf.decode) versus one by one, Llama-3-8B-shaped model",
     "ceilings": "copy / read / matmul ceilings of this machine",
 }
-ALL_ORDER = ("ceilings", "rerotate", "compose", "prefill", "decode", "e2e")
+ALL_ORDER = ("ceilings", "rerotate", "compose", "prefill", "decode", "e2e", "threads")
 
 
 def _positive(s: str) -> int:
@@ -67,6 +69,13 @@ def _sizes(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--sweep takes comma-separated positive integers, got {s!r}") from None
 
 
+def _counts(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive(x) for x in s.split(",") if x.strip()) or _positive("")
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--threads takes a positive integer or a comma list, got {s!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("shapes (defaults: BENCH_TARGETS.md on a GPU, small shapes on CPU)")
@@ -76,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--q-heads", type=_positive, help="query heads (prefill, decode, e2e; default 32)")
     g.add_argument("--head-dim", type=_positive, help="head dim (default 128)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="bf16 (default on GPU), fp16 or fp32 (default on CPU)")
-    g.add_argument("--prefix", type=_non_negative, help="shared prefix tokens (prefill, decode mask, e2e)")
-    g.add_argument("--threads", type=_positive, help="threads (default 4)")
+    g.add_argument("--prefix", type=_non_negative, help="shared prefix tokens (prefill, decode mask, e2e, threads)")
+    g.add_argument("--threads", type=_counts, help="threads (default 4); threads and e2e take a list: 2,4,8")
     g.add_argument("--thread-len", type=_positive, help="tokens per thread (prefill, e2e)")
     g.add_argument("--batch", type=_positive, help="decode batch (default 32)")
     g.add_argument("--context", type=_positive, help="tokens per sequence (decode default 32768; e2e 8192 and 32768)")
-    g.add_argument("--layers", type=_positive, help="model layers (e2e; default 32)")
+    g.add_argument("--layers", type=_positive, help="model layers (e2e, threads; default 32)")
+    g.add_argument("--steps", type=_positive, help="decode steps per thread (threads; default 32, CPU 4)")
     r = common.add_argument_group("what to run")
     r.add_argument("--providers", type=_providers, help=f"comma-separated subset of: {', '.join(PROVIDERS)} "
                    "(default: every provider of the scenario)")
@@ -91,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--api", action="store_true",
                    help="time the public kvfuse functions (validation, metadata) instead of the registered ops")
     r.add_argument("--sweep", type=_sizes, help="comma-separated sizes of the scenario's main axis: pages "
-                   "(rerotate, compose), thread length (prefill), context (decode, e2e)")
+                   "(rerotate, compose), thread length (prefill), context (decode, e2e), threads (threads)")
     r.add_argument("--measure-ceilings", action="store_true",
                    help="measure the ceilings first (always done by 'all'); otherwise the H200 anchors are used")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -119,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(ap: argparse.ArgumentParser, args) -> None:
     sub = ap._subparsers._group_actions[0].choices[args.command]
     if args.sweep and args.command in ("all", "ceilings"):
-        sub.error("--sweep applies to one scenario (rerotate, compose, prefill, decode or e2e), not to "
+        sub.error("--sweep applies to one scenario (rerotate, compose, prefill, decode, e2e or threads), not to "
                   f"{args.command!r}")
+    if args.threads and len(args.threads) > 1 and args.command not in ("threads", "e2e"):
+        sub.error(f"--threads takes one value for {args.command!r}; a list ({','.join(map(str, args.threads))}) "
+                  "applies to the threads and e2e scenarios")
+    # the list for the scenarios that take one (threads, e2e); the single value for the others
+    args.thread_counts, args.threads = args.threads, (args.threads[0] if args.threads else None)
     if args.plot:
         try:
             importlib.import_module("matplotlib")

@@ -607,6 +607,13 @@ def opt(ctx: Ctx, name: str, gpu_default, cpu_default=None):
     return cpu_default if (ctx.cpu and cpu_default is not None) else gpu_default
 
 
+def thread_counts(ctx: Ctx, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The thread counts of ``--threads`` (a comma list for the scenarios that take one), or ``default``."""
+    a = ctx.args
+    counts = getattr(a, "thread_counts", None) or ((a.threads,) if getattr(a, "threads", None) else None)
+    return tuple(counts or default)
+
+
 def sweep(ctx: Ctx, default: int) -> list[int]:
     return list(ctx.args.sweep) if ctx.args.sweep else [default]
 

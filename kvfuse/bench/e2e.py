@@ -34,6 +34,7 @@ from kvfuse.bench.common import (
     opt,
     provider_selection,
     run_case,
+    thread_counts,
 )
 from kvfuse.paged import gather_kv
 from kvfuse.segments import SegmentGraph
@@ -44,7 +45,9 @@ DEFAULT_PROVIDERS = ("sdpa", "torch", "triton", "cuda")
 NORM_TOL = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 
 
-def build_model(ctx: Ctx, layers: int, hq: int, hkv: int, d: int):
+def build_model(ctx: Ctx, layers: int, hq: int, hkv: int, d: int, attn_implementation: str = "sdpa"):
+    """A Llama-3-8B-shaped random-weight model (tiny vocab and MLP on CPU), created in ``ctx.dtype`` with
+    ``dtype=`` (``model.to(bf16)`` would round the float32 RoPE frequency buffer to bf16)."""
     import transformers
 
     cpu = ctx.cpu
@@ -55,11 +58,12 @@ def build_model(ctx: Ctx, layers: int, hq: int, hkv: int, d: int):
     torch.manual_seed(0)
     with torch.device(ctx.device):
         try:
-            model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=ctx.dtype)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
+                                                                  dtype=ctx.dtype)
         except TypeError:
-            model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa",
+            model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
                                                                   torch_dtype=ctx.dtype)
-    return model.to(ctx.device, ctx.dtype).eval(), cfg
+    return model.to(ctx.device).eval(), cfg
 
 
 def _layers(cache):
@@ -174,14 +178,14 @@ def providers(ctx: Ctx, rope, moved_bytes: float) -> list[Provider]:
 
 def default_cases(ctx: Ctx) -> list[tuple[int, int, int]]:
     a = ctx.args
-    T = a.threads or (2 if ctx.cpu else 4)
+    counts = thread_counts(ctx, (2,) if ctx.cpu else (4,))
     if a.prefix is not None and a.thread_len:
-        return [(a.prefix, T, a.thread_len)]
+        return [(a.prefix, T, a.thread_len) for T in counts]
     contexts = a.sweep or ([a.context] if a.context else ([128] if ctx.cpu else [8192, 32768]))
     out = []
     for c in contexts:
         P = a.prefix if a.prefix is not None else c // 2
-        out.append((P, T, a.thread_len or max(1, (c - P) // T)))
+        out += [(P, T, a.thread_len or max(1, (c - P) // T)) for T in counts]
     return out
 
 

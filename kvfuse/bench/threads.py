@@ -1,0 +1,238 @@
+"""Parallel decoding: T threads forked from one prefix, decoded as ONE batch per step versus one by one.
+
+A Llama-3-8B-shaped Hugging Face ``transformers`` model with random weights (32 layers, 32 / 8 heads,
+head_dim 128, bf16, ``attn_implementation="kvfuse"``, created with ``dtype=``; a tiny one on CPU)
+prefills a prefix of ``--prefix`` tokens into a `kvfuse.PagedKVStore` once (`hf.prefill`, in chunks
+of `PREFILL_CHUNK` tokens). Then, for every T of ``--threads`` (default 2,4,8), in the same run:
+
+* ``batched``: T threads forked from the prefix (`kvfuse.fork`, no copy) decode greedily with ONE
+  `hf.decode` call per step: every layer runs one `kvfuse.attention` call over the T rows.
+* ``one-by-one``: T fresh threads forked from the same prefix, each decoded by its own `hf.decode`
+  call per step (T forwards of batch 1 per step).
+
+Both start from the same T distinct first tokens and run `WARMUP_STEPS` untimed steps, then
+``--steps`` timed ones. ms per step: median, p20 and p80 over the timed steps (CUDA events around
+each step on a GPU, ``time.perf_counter`` on CPU); tok/s = T tokens per step / step time; speed-up:
+one-by-one time / batched time. The threads are released after each path (the prefix stays).
+
+``--check`` (before timing, on separate forks of the prefix): for ``WARMUP_STEPS + --steps`` steps
+both paths are fed the same tokens (the batched path's greedy choices, so one disagreement cannot
+make the rest diverge). Their last-position logits must agree normwise (`NORM_TOL`: bf16 5e-2, fp32
+1e-4) at every step, and their greedy tokens must be equal, except at a near tie: where the batched
+logits of the two candidates differ by at most twice the largest logit difference between the two
+paths in that row (then that difference, which the tolerance allows, can swap them). Near ties are
+counted in the notes; any other disagreement makes the batched row WRONG (exit status 1).
+``--providers _wrong`` (tests only) perturbs the batched logits, which the check must catch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+import kvfuse
+from kvfuse.bench.common import (
+    Case,
+    Ctx,
+    Progress,
+    Result,
+    _quantiles,
+    _speedups,
+    free_memory,
+    opt,
+    perturb,
+    print_table,
+    sync,
+    thread_counts,
+)
+from kvfuse.bench.e2e import NORM_TOL, build_model
+
+NAME = "threads"
+X_NAME = "threads"
+WARMUP_STEPS = 2  # untimed steps of each path (kernel compilation, allocator warm-up)
+PREFILL_CHUNK = 4096  # tokens per prefill forward (bounds the logits and activations of the prefill)
+BASELINE = "one-by-one"
+
+
+def _prefill(hf, model, prefix, ids: torch.Tensor) -> None:
+    for s in range(0, ids.shape[1], PREFILL_CHUNK):
+        logits = hf.prefill(model, prefix, ids[:, s: s + PREFILL_CHUNK])
+        del logits
+
+
+def _step_batched(hf, model, threads, tok: torch.Tensor) -> torch.Tensor:
+    """One batched decode step: ``tok`` int64 ``[T, 1]`` -> last-position logits ``[T, vocab]``."""
+    return hf.decode(model, threads, tok)[:, -1]
+
+
+def _step_one_by_one(hf, model, threads, tok: torch.Tensor) -> torch.Tensor:
+    """The same step as T decode calls of one thread each."""
+    return torch.cat([hf.decode(model, [t], tok[i: i + 1])[:, -1] for i, t in enumerate(threads)])
+
+
+def _release(threads) -> None:
+    for t in threads:
+        t.release()
+
+
+def check(hf, model, prefix, tok0: torch.Tensor, n_steps: int, tol: float, wrong: bool = False) -> dict:
+    """Decode ``n_steps`` both ways from ``tok0`` (``[T, 1]``) on fresh forks of ``prefix``, feeding both
+    the batched path's greedy tokens; compare logits (normwise) and greedy tokens (near ties allowed)."""
+    T = tok0.shape[0]
+    batched, single = kvfuse.fork(prefix, T), kvfuse.fork(prefix, T)
+    err, equal, ties, bad = 0.0, 0, 0, 0
+    try:
+        tok = tok0
+        for _ in range(n_steps):
+            lb = _step_batched(hf, model, batched, tok).float()
+            ls = _step_one_by_one(hf, model, single, tok).float()
+            if wrong:
+                lb = perturb(lb.clone())
+            e = float((ls - lb).norm() / lb.norm().clamp_min(1e-30))
+            err = max(err, e) if math.isfinite(e) else math.inf
+            gb, gs = lb.argmax(-1), ls.argmax(-1)
+            same = gb == gs
+            delta = (ls - lb).abs().amax(-1)
+            gap = lb.gather(-1, gb[:, None])[:, 0] - lb.gather(-1, gs[:, None])[:, 0]
+            tie = ~same & (gap <= 2 * delta)
+            equal += int(same.sum())
+            ties += int(tie.sum())
+            bad += int((~same & ~tie).sum())
+            tok = gb[:, None]
+    finally:
+        _release(batched)
+        _release(single)
+    ok = err <= tol and bad == 0
+    return dict(ok=ok, err=err, equal=equal, ties=ties, bad=bad, total=T * n_steps)
+
+
+def time_path(ctx: Ctx, hf, model, prefix, tok0: torch.Tensor, warmup: int, steps: int, batched: bool):
+    """(median, p20, p80) ms per step of greedy decoding of fresh forks of ``prefix`` from ``tok0``."""
+    threads = kvfuse.fork(prefix, tok0.shape[0])
+    step = _step_batched if batched else _step_one_by_one
+    times, events = [], []
+    try:
+        tok = tok0
+        for i in range(warmup + steps):
+            timed = i >= warmup
+            if timed and not ctx.cpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            tok = step(hf, model, threads, tok).argmax(-1, keepdim=True)
+            if timed:
+                if ctx.cpu:
+                    times.append((time.perf_counter() - t0) * 1000)
+                else:
+                    end.record()
+                    events.append((start, end))
+        sync(ctx.device)
+        times += [s.elapsed_time(e) for s, e in events]
+    finally:
+        _release(threads)
+    return _quantiles(times)
+
+
+def run(ctx: Ctx) -> None:
+    try:
+        import transformers  # noqa: F401
+
+        from kvfuse.integrations import hf
+    except Exception as e:
+        r = Result(NAME, NAME, "batched", "batched", "skipped",
+                   note=f"transformers (with kvfuse.integrations.hf) is not importable ({type(e).__name__}: {e})")
+        ctx.results.append(r)
+        print(f"\n### {NAME}: skipped: {r.note}")
+        return
+    a = ctx.args
+    layers = opt(ctx, "layers", 32, 2)
+    hq, hkv, d = opt(ctx, "q_heads", 32, 4), opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
+    page = opt(ctx, "page_size", 16)
+    P, steps = opt(ctx, "prefix", 8192, 64), opt(ctx, "steps", 32, 4)
+    counts = tuple(a.sweep) if a.sweep else thread_counts(ctx, (2, 4, 8))
+    warmup = WARMUP_STEPS
+    wrong = "_wrong" in (a.providers or ())
+    tol = NORM_TOL.get(ctx.dtype, 5e-2)
+    dev, dt = ctx.device, str(ctx.dtype)[6:]
+    prog = Progress(2 * len(counts), NAME, not a.quiet)
+
+    model, cfg = build_model(ctx, layers, hq, hkv, d, attn_implementation="kvfuse")
+    per_thread = -(-(warmup + steps) // page)
+    store = kvfuse.PagedKVStore.from_hf(cfg, -(-P // page) + 2 * max(counts) * per_thread + 1, page,
+                                        dtype=ctx.dtype, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    prefix = store.sequence("prefix")
+    t0 = time.perf_counter()
+    if P:
+        _prefill(hf, model, prefix, torch.randint(0, cfg.vocab_size, (1, P), generator=gen).to(dev))
+    sync(dev)
+    prefill_ms = (time.perf_counter() - t0) * 1000
+    timer = "CPU perf_counter" if ctx.cpu else "CUDA events"
+    header = (f"{'Llama-3-8B-shaped' if not ctx.cpu else 'tiny'} random-weight model ({layers} layers, hidden "
+              f"{hq * d}, {hq}/{hkv} heads, d {d}, {dt}, attn_implementation=kvfuse); prefix of {P} tokens "
+              f"prefilled once ({prefill_ms:.0f} ms, first call, compilation included); {warmup} untimed + "
+              f"{steps} timed greedy steps per path; ms per step = {timer}, median over the steps"
+              + ("; **CPU timings**" if ctx.cpu else ""))
+    summary = []
+    try:
+        for T in counts:
+            case = f"T={T}: {T} threads forked from a {P}-token prefix, {steps} steps, {layers} layers, {dt}"
+            rows = [Result(NAME, case, "batched", f"batched: 1 hf.decode call of {T} rows per step", "ok",
+                           unit="tok/s", group=case, x=T,
+                           note="one kvfuse.attention call per layer over the T threads"),
+                    Result(NAME, case, BASELINE, f"one-by-one: {T} hf.decode calls of 1 row per step", "ok",
+                           unit="tok/s", group=case, x=T)]
+            try:
+                tok0 = torch.randperm(cfg.vocab_size, generator=gen)[:T, None].to(dev)  # T distinct first tokens
+                if a.check:
+                    c = check(hf, model, prefix, tok0, warmup + steps, tol, wrong)
+                    rows[0].checked, rows[0].max_err = True, c["err"]
+                    what = (f"vs one-by-one: logits normwise error {c['err']:.2g} (tol {tol:g}), greedy tokens "
+                            f"equal {c['equal']}/{c['total']}, {c['ties']} near ties")
+                    if c["bad"]:
+                        what += f", {c['bad']} disagree"
+                    if not c["ok"]:
+                        rows[0].status = "WRONG"
+                        what += "; not timed"
+                    rows[0].note = "; ".join((rows[0].note, what))
+                for r, batched in ((rows[0], True), (rows[1], False)):
+                    prog.step(f"T={T} {r.provider}")
+                    if r.status != "ok":
+                        continue
+                    r.ms, r.p20, r.p80 = time_path(ctx, hf, model, prefix, tok0, warmup, steps, batched)
+                    r.value = T / (r.ms * 1e-3)
+                    r.timing = f"{timer}, {steps} steps"
+            except Exception as e:  # one thread count failing never aborts the others
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                for r in rows:
+                    if r.status == "ok" and r.ms is None:
+                        r.status, r.note = "error", f"{type(e).__name__}: {msg}"
+                free_memory(dev, reset_compiled=False)
+            _speedups(rows, a.baseline or BASELINE)
+            ctx.results.extend(rows)
+            print_table(Case(NAME, case, {}, [], group=case, x=T, header=header), rows, ctx)
+            summary.append((T, rows))
+    finally:
+        prefix.release()
+        del store, model
+    _print_summary(summary, ctx)
+
+
+def _print_summary(summary, ctx: Ctx) -> None:
+    if len(summary) < 2:
+        return
+    print(f"\n### {NAME}: summary" + (" (CPU timings)" if ctx.cpu else ""))
+    print("| T | batched ms/step | one-by-one ms/step | batched tok/s | one-by-one tok/s | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for T, (b, s) in summary:
+        sp = f"{s.ms / b.ms:.2f}×" if b.ms and s.ms else "–"
+        print(f"| {T} | {_fmt(b.ms, '.3g')} | {_fmt(s.ms, '.3g')} | {_fmt(b.value, ',.0f')} | "
+              f"{_fmt(s.value, ',.0f')} | {sp} |")
+
+
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if x is not None else "–"
