@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INT_DTYPES = (torch.int32, torch.int64)
 
 
 def check_tensor(name: str, t, *, ndim=None, dtype=None, device=None) -> None:
@@ -36,11 +35,6 @@ def check_same_pool(name_a: str, a, name_b: str, b) -> None:
             f"{name_a} and {name_b} must have the same shape, dtype and device, got "
             f"{tuple(a.shape)}/{a.dtype}/{a.device} and {tuple(b.shape)}/{b.dtype}/{b.device}"
         )
-
-
-def check_index_range(name: str, t: torch.Tensor, upper: int, what: str) -> None:
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
-        raise ValueError(f"{name} holds {what} outside [0, {upper}): min {int(t.min())}, max {int(t.max())}")
 
 
 def check_unique(name: str, t: torch.Tensor, what: str, upper: int | None = None) -> None:

@@ -69,7 +69,9 @@ class AttentionPlan:
             if not isinstance(g, SegmentGraph):
                 raise TypeError(f"AttentionSpec.graphs[{i}] must be a SegmentGraph, got {type(g).__name__}")
         kv = [g.num_tokens for g in graphs]
-        q_lens = kv if spec.q_lens is None else [int(x) for x in spec.q_lens]
+        if spec.q_lens is not None and any(not isinstance(x, int) or isinstance(x, bool) for x in spec.q_lens):
+            raise TypeError(f"AttentionSpec.q_lens must be ints, got {list(spec.q_lens)!r}")
+        q_lens = kv if spec.q_lens is None else list(spec.q_lens)
         if len(q_lens) != len(graphs):
             raise ValueError(f"AttentionSpec.q_lens needs one entry per graph ({len(graphs)}), got {len(q_lens)}")
         for i, (ql, n) in enumerate(zip(q_lens, kv)):
@@ -213,6 +215,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     check_tensor("q", q, ndim=3, dtype=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, c, ndim=4, dtype=q.dtype, device=q.device)
+        if not c.is_contiguous():
+            raise ValueError(f"{name} must be contiguous ([num_pages, page_size, num_kv_heads, head_dim])")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)}, "
                          f"{tuple(v_cache.shape)}")
@@ -220,13 +224,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     total_q, hq, dq = q.shape
     if dq != d:
         raise ValueError(f"q head_dim {dq} != cache head_dim {d}")
-    if hq % hkv:
+    if hkv == 0 or hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of the cache's KV heads ({hkv})")
     if total_q != plan.total_q:
         raise ValueError(f"q has {total_q} rows but the plan was made for {plan.total_q} query tokens")
     if q.device != plan.device:
         raise ValueError(f"q is on {q.device} but the plan was made for {plan.device}")
     check_tensor("block_table", block_table, ndim=2, dtype=torch.int32, device=q.device)
+    block_table = block_table.contiguous()  # kernels index rows with one stride
     if block_table.shape[0] != plan.batch_size:
         raise ValueError(f"block_table has {block_table.shape[0]} rows, the plan {plan.batch_size} sequences")
     need = -(-plan.max_kv // page_size)

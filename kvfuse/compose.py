@@ -67,17 +67,18 @@ class _Layout:
     table: list  # list of (kind, payload): ("reuse", tensor of pages) or ("new", count)
     copies: list  # (segment index, composed start)
     rotations: list  # segment indices rotated in place
-    new_positions: list[int]
     n_new: int
 
 
 def _new_positions(segments, layout, positions):
-    if positions is not None:
-        if len(positions) != len(segments):
-            raise ValueError(f"positions must give one start per segment ({len(segments)}), got {len(positions)}")
-        return [int(p) for p in positions]
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if positions is not None:
+        if any(not isinstance(p, int) or isinstance(p, bool) for p in positions):
+            raise TypeError(f"positions must be ints, got {list(positions)!r}")
+        if len(positions) != len(segments):
+            raise ValueError(f"positions must give one start per segment ({len(segments)}), got {len(positions)}")
+        return list(positions)
     if layout == "shared":
         return [s.position for s in segments]
     out, cur = [], segments[0].position if segments else 0
@@ -88,7 +89,7 @@ def _new_positions(segments, layout, positions):
 
 
 def _plan_layout(segments, page_size, new_positions) -> _Layout:
-    lay = _Layout([], [], [], new_positions, 0)
+    lay = _Layout([], [], [], 0)
     off = 0
     n_tail = len(segments) - 1
     while n_tail >= 0 and segments[n_tail].length == 0:
@@ -182,6 +183,7 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         (11, 10)
     """
     check_cache("k_cache", k_cache)
+    check_cache("v_cache", v_cache)
     check_same_pool("k_cache", k_cache, "v_cache", v_cache)
     check_rope(rope, k_cache.shape[-1])
     segments = list(segments)
@@ -192,6 +194,10 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         if not isinstance(s, SourceSegment):
             raise TypeError(f"segments[{i}] must be a kvfuse.SourceSegment, got {type(s).__name__}")
         check_tensor(f"segments[{i}].pages", s.pages, ndim=1, dtype=(torch.int32, torch.int64))
+        for field in ("length", "start", "position"):
+            val = getattr(s, field)
+            if not isinstance(val, int) or isinstance(val, bool):
+                raise TypeError(f"segments[{i}].{field} must be an int, got {val!r}")
         if s.pages.device != k_cache.device:
             raise ValueError(f"segments[{i}].pages must be on {k_cache.device}, got {s.pages.device}")
     # all bookkeeping runs on host copies of the page lists, fetched with one transfer: a composition
@@ -212,6 +218,23 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         if p < 0 or p + s.length - 1 > MAX_POSITION:
             raise ValueError(f"segment {i}: new positions [{p}, {p + s.length}) overflow [0, {MAX_POSITION}]")
     lay = _plan_layout(segments, page_size, new_pos)
+
+    def used(s):  # the pages holding the segment's tokens
+        return s.pages[s.start // page_size: -(-(s.start + s.length) // page_size)]
+
+    kept = [used(s) for s in segments if not s.give_up]
+    if lay.rotations and kept:
+        rotated = torch.cat([used(segments[i]) for i in lay.rotations])
+        if bool(torch.isin(rotated, torch.cat(kept)).any()):
+            raise ValueError("a given-up segment that must be re-rotated in place shares pages with a segment "
+                             "that is not given up; give up both or neither")
+    copy_backend = rot_backend = None
+    if lay.copies:
+        copy_backend = choose("compose_copy_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim,
+                              interleaved=rope.interleaved)
+    if lay.rotations:
+        rot_backend = choose("rerotate_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim,
+                             interleaved=rope.interleaved)
 
     pool = dst_pages if isinstance(dst_pages, PagePool) else None
     if pool is not None:
@@ -239,10 +262,8 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             dsts.append(slots_of(table, off, s.length, page_size))
             deltas.append(torch.full((s.length,), new_pos[i] - s.position, dtype=torch.int64))
         cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=device)
-        b = choose("compose_copy_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim,
-                   interleaved=rope.interleaved)
         _ops.compose_copy_op(k_cache, v_cache, torch.cat(src).to(device), torch.cat(dsts).to(device), idx, cos, sin,
-                             rope.rotary_dim, rope.interleaved, b)
+                             rope.rotary_dim, rope.interleaved, copy_backend)
     if lay.rotations:
         slots, deltas = [], []
         for i in lay.rotations:
@@ -250,8 +271,8 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             slots.append(slots_of(s.pages, s.start, s.length, page_size))
             deltas.append(torch.full((s.length,), new_pos[i] - s.position, dtype=torch.int64))
         cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=device)
-        b = choose("rerotate_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim, interleaved=rope.interleaved)
-        _ops.rerotate_op(k_cache, torch.cat(slots).to(device), idx, cos, sin, rope.rotary_dim, rope.interleaved, b)
+        _ops.rerotate_op(k_cache, torch.cat(slots).to(device), idx, cos, sin, rope.rotary_dim, rope.interleaved,
+                         rot_backend)
 
     ranges, off = [], 0
     for s in segments:

@@ -91,6 +91,8 @@ class PagePool:
 
     def free(self, pages: torch.Tensor) -> None:
         ids = pages.tolist()
+        if len(set(ids)) != len(ids):
+            raise ValueError("PagePool.free: pages holds duplicate page ids")
         free = set(self._free)
         for i in ids:
             if i in free or not 0 <= i < num_pages_of(self.k_cache):

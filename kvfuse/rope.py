@@ -105,8 +105,8 @@ class RopeConfig:
 
     # ------------------------------------------------------------------ frequencies
     def inv_freq(self) -> torch.Tensor:
-        """Inverse frequencies, float64 tensor of shape ``[rotary_dim // 2]`` (on the CPU)."""
-        return _inv_freq_cached(self)
+        """Inverse frequencies, float64 tensor of shape ``[rotary_dim // 2]`` (on the CPU, a copy)."""
+        return _inv_freq_cached(self).clone()
 
     @property
     def attention_scaling(self) -> float:

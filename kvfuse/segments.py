@@ -33,6 +33,9 @@ class Segment:
     parents: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.parents, str):
+            raise TypeError(f"Segment {self.name!r}: parents must be a tuple of names, got the string "
+                            f"{self.parents!r} (write ({self.parents!r},))")
         object.__setattr__(self, "parents", tuple(self.parents))
         if not isinstance(self.length, int) or self.length < 0:
             raise ValueError(f"Segment {self.name!r}: length must be an int >= 0, got {self.length!r}")

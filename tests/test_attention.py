@@ -169,3 +169,21 @@ def test_attention_misuse_fails_loudly():
     bad[0, 0] = k.shape[0]
     with pytest.raises(ValueError, match="page ids"):
         kvfuse.attention(q, k, v, bad, p)
+
+
+def test_strided_block_table_is_honoured(backend):
+    dev = device_for(backend)
+    graphs, q_lens = _graphs("decode")
+    p, q, k, v, table = _setup(graphs, q_lens, 4, 2, 64, 16, torch.bfloat16, dev)
+    skip_unless_supported("segment_attention", backend, q=q, k_cache=k, plan=p)
+    wide = torch.zeros(table.shape[0], 2 * table.shape[1], dtype=torch.int32, device=dev)
+    wide[:, ::2] = table
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(kvfuse.attention(q, k, v, strided, p, backend=backend),
+                               kvfuse.attention(q, k, v, table, p, backend=backend))
+
+
+def test_plan_rejects_float_q_lens():
+    with pytest.raises(TypeError, match="q_lens"):
+        kvfuse.plan(kvfuse.AttentionSpec([SegmentGraph([Segment("a", 4)])], q_lens=[2.9]))

@@ -159,3 +159,54 @@ def test_compose_from_page_pool_allocates_exactly():
     free = pool.num_free
     out = kvfuse.compose(pool.k_cache, pool.v_cache, segs, cfg, dst_pages=pool)
     assert pool.num_free == free - out.new_pages.numel() == free - 2
+
+
+def test_compose_rejects_rotating_a_page_a_kept_segment_owns():
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    k, v = torch.randn(2, 6, 4, 1, 16).unbind(0)
+    bk = k.clone()
+    kept = SourceSegment(torch.tensor([0, 1]), 8, position=0)
+    moved = SourceSegment(torch.tensor([1]), 4, position=0, give_up=True)  # page 1 is also kept's
+    with pytest.raises(ValueError, match="shares pages"):
+        kvfuse.compose(k, v, [kept, moved], cfg, dst_pages=torch.tensor([4, 5]))
+    assert torch.equal(k, bk)
+
+
+def test_compose_pool_pages_not_leaked_when_backend_rejected():
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    pool = kvfuse.PagePool(8, 4, 1, 16)
+    a = pool.alloc(2)
+    free = pool.num_free
+    for bad, exc in (("cudnn", ValueError), ("cuda", kvfuse.BackendNotSupported)):
+        with pytest.raises(exc):
+            kvfuse.compose(pool.k_cache, pool.v_cache, [SourceSegment(a, 5, position=3)], cfg, dst_pages=pool,
+                           backend=bad)
+        assert pool.num_free == free
+
+
+@pytest.mark.parametrize("field,value", [("length", 3.0), ("start", "0"), ("position", 1.5)])
+def test_compose_rejects_non_int_segment_fields(field, value):
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    k, v = torch.randn(2, 6, 4, 1, 16).unbind(0)
+    seg = SourceSegment(torch.tensor([0, 1]), 6)
+    setattr(seg, field, value)
+    with pytest.raises(TypeError, match=f"segments\\[0\\].{field}"):
+        kvfuse.compose(k, v, [seg], cfg, dst_pages=torch.tensor([4, 5]))
+
+
+def test_compose_rejects_float_positions_and_bad_layout_with_positions():
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    k, v = torch.randn(2, 6, 4, 1, 16).unbind(0)
+    seg = [SourceSegment(torch.tensor([0, 1]), 6)]
+    with pytest.raises(TypeError, match="positions"):
+        kvfuse.compose(k, v, seg, cfg, positions=[7.9], dst_pages=torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="layout"):
+        kvfuse.compose(k, v, seg, cfg, positions=[7], layout="bogus", dst_pages=torch.tensor([4, 5]))
+
+
+def test_page_pool_free_rejects_duplicates():
+    pool = kvfuse.PagePool(4, 2, 1, 8)
+    a = pool.alloc(2)
+    with pytest.raises(ValueError, match="duplicate"):
+        pool.free(torch.cat([a[:1], a[:1]]))
+    assert pool.num_free == 2

@@ -109,3 +109,8 @@ def test_large_plan_is_fast():
     tm = kvfuse.plan(kvfuse.AttentionSpec([g])).tiles(128, 128)
     assert time.perf_counter() - t < 30
     assert tm.work_seq.numel() == 73728 // 128
+
+
+def test_segment_parents_string_is_rejected():
+    with pytest.raises(TypeError, match="parents"):
+        Segment("t", 2, "prefix")
