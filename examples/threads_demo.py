@@ -49,7 +49,9 @@ def main(argv=None):
     cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512,
                                    num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
                                    max_position_embeddings=1 << 14)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="kvfuse").to(dev, dtype).eval()
+    # dtype= keeps the RoPE frequency buffer in float32 (model.to(bf16) would round it to bf16)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="kvfuse", dtype=dtype)
+    model = model.to(dev).eval()
     T, P, N = args.threads, args.prompt, args.steps
     pages = 2 * (P + T * N + N) // args.page_size + 4 * T + 16
     store = kvfuse.PagedKVStore.from_hf(cfg, num_pages=pages, page_size=args.page_size, dtype=dtype, device=dev)
@@ -82,7 +84,8 @@ def main(argv=None):
     mask = merged.token_graph().dense_mask()[: ids.shape[1], : ids.shape[1]].to(dev)
     add = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, torch.finfo(dtype).min)
     eager_cfg = copy.deepcopy(cfg)  # from_config sets the attention implementation on the config it is given
-    eager = transformers.AutoModelForCausalLM.from_config(eager_cfg, attn_implementation="eager").to(dev, dtype).eval()
+    eager = transformers.AutoModelForCausalLM.from_config(eager_cfg, attn_implementation="eager", dtype=dtype)
+    eager = eager.to(dev).eval()
     eager.load_state_dict(model.state_dict())
     with torch.no_grad():
         _, ms = timed(dev, lambda: eager(ids, position_ids=merged.positions()[None, : ids.shape[1]].to(dev),
