@@ -37,6 +37,14 @@ def check_same_pool(name_a: str, a, name_b: str, b) -> None:
         )
 
 
+def check_in_range(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    """Every value in [lo, hi) (one min/max pass; the message gives the offending extremes)."""
+    if t.numel():
+        mn, mx = torch.aminmax(t)
+        if int(mn) < lo or int(mx) >= hi:
+            raise ValueError(f"{name} must hold {what} in [{lo}, {hi}), got min {int(mn)}, max {int(mx)}")
+
+
 def check_unique(name: str, t: torch.Tensor, what: str, upper: int | None = None) -> None:
     """No value twice. With ``upper`` (values known to lie in [0, upper)) a counting pass replaces the sort."""
     if not t.numel():

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from kvfuse import _ops
-from kvfuse._checks import check_tensor
+from kvfuse._checks import check_in_range, check_tensor
 from kvfuse.dispatch import choose, meta
 from kvfuse.segments import SegmentGraph
 
@@ -238,8 +238,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     if block_table.shape[1] < need:
         raise ValueError(f"block_table has {block_table.shape[1]} columns, the longest sequence needs {need} pages")
     used = torch.cat([block_table[b, : -(-n // page_size)] for b, n in enumerate(plan.kv_lens_list)])
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
-        raise ValueError(f"block_table holds page ids outside [0, {k_cache.shape[0]})")
+    check_in_range("block_table", used, 0, k_cache.shape[0], "page ids")
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
 
     b = choose("segment_attention", backend, q=q, k_cache=k_cache, plan=plan)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvfuse._checks import check_tensor
+from kvfuse._checks import check_in_range, check_tensor
 
 
 def page_size_of(cache: torch.Tensor) -> int:
@@ -105,6 +105,4 @@ class PagePool:
 
 def check_pages(name: str, pages, cache: torch.Tensor) -> None:
     check_tensor(name, pages, ndim=1, dtype=(torch.int32, torch.int64))
-    n = num_pages_of(cache)
-    if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= n):
-        raise ValueError(f"{name} holds page ids outside [0, {n}): min {int(pages.min())}, max {int(pages.max())}")
+    check_in_range(name, pages, 0, num_pages_of(cache), "page ids")

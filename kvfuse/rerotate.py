@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvfuse import _ops
-from kvfuse._checks import check_cache, check_tensor, check_unique
+from kvfuse._checks import check_cache, check_in_range, check_tensor, check_unique
 from kvfuse.dispatch import choose
 from kvfuse.rope import MAX_POSITION, RopeConfig
 
@@ -21,8 +21,7 @@ def check_positions(name: str, pos, n: int) -> None:
     check_tensor(name, pos, ndim=1, dtype=(torch.int32, torch.int64))
     if pos.numel() != n:
         raise ValueError(f"{name} must have one position per slot ({n}), got {pos.numel()}")
-    if n and (int(pos.min()) < 0 or int(pos.max()) > MAX_POSITION):
-        raise ValueError(f"{name} must lie in [0, {MAX_POSITION}], got min {int(pos.min())}, max {int(pos.max())}")
+    check_in_range(name, pos, 0, MAX_POSITION + 1, "positions")
 
 
 def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, old_positions: torch.Tensor,
@@ -57,9 +56,7 @@ def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, old_positions: torch.T
     check_rope(rope, k_cache.shape[-1])
     check_tensor("slots", slots, ndim=1, dtype=(torch.int32, torch.int64), device=k_cache.device)
     n_slots = k_cache.shape[-4] * k_cache.shape[-3]
-    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= n_slots):
-        raise ValueError(f"slots must lie in [0, num_pages * page_size = {n_slots}), "
-                         f"got min {int(slots.min())}, max {int(slots.max())}")
+    check_in_range("slots", slots, 0, n_slots, "slot ids (page * page_size + offset)")
     check_unique("slots", slots, "slot ids", upper=n_slots)
     check_positions("old_positions", old_positions, slots.numel())
     check_positions("new_positions", new_positions, slots.numel())
