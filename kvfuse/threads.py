@@ -46,13 +46,14 @@ Example:
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import itertools
 from collections.abc import Sequence as _Seq
 
 import torch
 
-from kvfuse.attention import AttentionPlan, AttentionSpec, plan
+from kvfuse.attention import EMPTY, FULL, AttentionPlan, TileMap, _classify
 from kvfuse.compose import SourceSegment, compose, pages_needed
 from kvfuse.paged import gather_kv, slot_view
 from kvfuse.rope import RopeConfig
@@ -145,13 +146,17 @@ class PagedKVStore:
 
     def alloc(self, n: int) -> torch.Tensor:
         """``n`` free pages (int32 ``[n]``), each with one reference. All or nothing."""
+        return torch.tensor(self._alloc_ids(n), dtype=torch.int32, device=self.device)
+
+    def _alloc_ids(self, n: int) -> list[int]:
+        """`alloc` as a host list (no device transfer)."""
         if n > len(self._free):
             raise RuntimeError(f"PagedKVStore: out of pages: {n} needed, {len(self._free)} of {self.num_pages} free "
                                f"(page_size {self.page_size}); release sequences or make a larger store")
         ids = [self._free.pop() for _ in range(n)]
         for i in ids:
             self.refcount[i] = 1
-        return torch.tensor(ids, dtype=torch.int32, device=self.device)
+        return ids
 
     def incref(self, pages) -> None:
         ids = _ids(pages)
@@ -279,9 +284,18 @@ class Sequence:
         return k[:, idx], v[:, idx]
 
     def slots(self, start: int, n: int) -> torch.Tensor:
-        t = torch.arange(start, start + n)
+        """int64 ``[n]`` pool slots of storage tokens ``start .. start + n - 1``, on the store's device."""
+        return _to_device(self._host_slots(start, n), self.store.device)
+
+    def _host_slots(self, start: int, n: int) -> torch.Tensor:
+        """`slots` on the host (only the pages the range touches are converted)."""
         ps = self.store.page_size
-        return (torch.tensor(self.pages, dtype=torch.int64)[t // ps] * ps + t % ps).to(self.store.device)
+        if n <= 0:
+            return torch.empty(0, dtype=torch.int64)
+        first = start // ps
+        pages = torch.tensor(self.pages[first: (start + n - 1) // ps + 1], dtype=torch.int64)
+        t = torch.arange(start, start + n)
+        return pages[t // ps - first] * ps + t % ps
 
     # ------------------------------------------------------------------ writing
     def pages_needed(self, n: int) -> int:
@@ -294,13 +308,17 @@ class Sequence:
         """Make room for ``n`` tokens at the end of the last segment and return their slots
         (int64 ``[n]``). Allocates pages as needed and copies a shared, partly filled last page
         first (copy-on-write); raises ``RuntimeError`` if the store is out of pages, changing nothing."""
+        return self.slots(self._grow(n), n)
+
+    def _grow(self, n: int) -> int:
+        """`reserve` without computing the slots; returns the storage index of the first new token."""
         self._check_live()
         if n < 0:
             raise ValueError(f"reserve: n must be >= 0, got {n}")
         store, ps, length = self.store, self.store.page_size, self.length
         cow = n > 0 and length % ps != 0 and store.refcount[self.pages[-1]] > 1
         grow = store.pages_for(length + n) - len(self.pages)
-        new = store.alloc(grow + int(cow)).tolist()
+        new = store._alloc_ids(grow + int(cow))
         if cow:
             old, page = self.pages[-1], new.pop(0)
             store.k_cache[:, page] = store.k_cache[:, old]
@@ -310,7 +328,7 @@ class Sequence:
         self.pages += new
         last = self.segments[-1]
         self.segments[-1] = dataclasses.replace(last, length=last.length + n)
-        return self.slots(length, n)
+        return length
 
     def append_kv(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append tokens' K/V of all layers, ``[num_layers, n, Hkv, D]`` (keys already rotated at
@@ -501,12 +519,15 @@ class BatchPlan:
     """What one batched `kvfuse.attention` call over several sequences needs, for every layer.
 
     block_table: int32 ``[B, max_pages]``; plan: the `AttentionPlan` (queries are each row's last
-    ``q_len`` tokens); graphs: the row views' `SegmentGraph`.
+    ``q_len`` tokens); graphs: the row views' `SegmentGraph` (built on first access).
     """
 
     block_table: torch.Tensor
     plan: AttentionPlan
-    graphs: list[SegmentGraph]
+
+    @property
+    def graphs(self) -> list[SegmentGraph]:
+        return self.plan.graphs
 
 
 def batch_plan(rows: _Seq[Sequence], q_len: int | _Seq[int], *, hogwild: bool = False) -> BatchPlan:
@@ -517,6 +538,11 @@ def batch_plan(rows: _Seq[Sequence], q_len: int | _Seq[int], *, hogwild: bool = 
     (rows are sibling threads of one fork): each row also sees the other rows' tokens written before
     this step (not those of the current step), Hogwild-style; the views are assembled from the
     others' page tables without copying.
+
+    The plan equals ``kvfuse.plan(AttentionSpec(graphs, q_lens))`` (same tensors, same tile maps) but
+    is built for a decode step: rows of the same shape (sibling threads) are classified once, the
+    per-token segment map is computed on the device, and the metadata goes to the device in one
+    non-blocking copy (no host synchronisation).
 
     Example:
         >>> import torch, kvfuse
@@ -538,23 +564,19 @@ def batch_plan(rows: _Seq[Sequence], q_len: int | _Seq[int], *, hogwild: bool = 
         r._check_live()
     store = rows[0].store
     if hogwild and len(rows) > 1:
-        tables, graphs = _hogwild_views(rows, q_lens)
+        tables, views = _hogwild_views(rows, q_lens)
     else:
         tables = [r.pages for r in rows]
-        graphs = [r.graph() for r in rows]
-    width = max(1, max(len(t) for t in tables))
-    bt = torch.zeros(len(rows), width, dtype=torch.int32)
-    for b, t in enumerate(tables):
-        bt[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    p = plan(AttentionSpec(graphs, q_lens, device=store.device))
-    return BatchPlan(bt.to(store.device), p, graphs)
+        views = [[Segment(s.name, s.length, s.parents) for s in r.segments] for r in rows]
+    p = _BatchAttentionPlan(views, q_lens, tables, store.device)
+    return BatchPlan(p.block_table, p)
 
 
 def _hogwild_views(rows, q_lens):
     ps = rows[0].store.page_size
     k, n_pre = _common_prefix(rows)
     prefix = [Segment(s.name, s.length, s.parents) for s in rows[0].segments[:k]]
-    tables, graphs = [], []
+    tables, views = [], []
     for i, r in enumerate(rows):
         pages = list(r.pages[: n_pre // ps])
         segs = list(prefix)
@@ -583,5 +605,131 @@ def _hogwild_views(rows, q_lens):
         segs += own
         pages += r.pages[n_pre // ps:]
         tables.append(pages)
-        graphs.append(SegmentGraph(segs))
-    return tables, graphs
+        views.append(segs)
+    return tables, views
+
+
+_ZERO = array.array("i", [0])
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without waiting for the device (pinned, non-blocking)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class _BatchAttentionPlan(AttentionPlan):
+    """The `AttentionPlan` of ``plan(AttentionSpec(graphs, q_lens, device))`` for the given segment
+    lists, built for a decode step (the host cost of every step of a batched decode):
+
+    * rows with the same shape (segment lengths, parent structure, q_len: sibling threads decoding
+      in lockstep) share one `SegmentGraph`, one ancestor matrix and one tile classification;
+    * ``token_seg`` (``[B, max_kv]``, the largest tensor) is computed on the device from the
+      segments' end offsets instead of being filled on the host and copied;
+    * the host metadata (block table, lengths, ancestors) goes to the device in one pinned,
+      non-blocking copy, and each tile map in another; nothing waits for the device.
+
+    The per-row graphs (`graphs`, used by `visible_pairs`) are built on first access.
+    """
+
+    def __init__(self, views: list[list[Segment]], q_lens: list[int], tables: list[list[int]], device):
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # as AttentionPlan: "cuda" means the current device
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        self._views = views
+        self._graphs = None
+        self._tiles = {}
+        keys, classes, row_class = {}, [], []
+        for segs, ql in zip(views, q_lens):
+            index = {s.name: i for i, s in enumerate(segs)}
+            if len(index) != len(segs):
+                SegmentGraph(segs)  # raises: duplicate names
+            key = (ql,) + tuple((s.length, tuple(index.get(p, -1) for p in s.parents)) for s in segs)
+            c = keys.get(key)
+            if c is None:
+                c = keys[key] = len(classes)
+                classes.append(SegmentGraph(segs))  # validates names, parents and cycles
+            row_class.append(c)
+        self._classes, self._row_class = classes, row_class
+        kv = [classes[c].num_tokens for c in row_class]
+        for i, (ql, n) in enumerate(zip(q_lens, kv)):
+            if not 0 <= ql <= n:
+                raise ValueError(f"q_len of row {i} ({ql}) must lie in [0, kv_len={n}]")
+        B = len(views)
+        self.q_lens, self.kv_lens_list = list(q_lens), kv
+        self.batch_size, self.total_q, self.max_kv, self.max_q = B, sum(q_lens), max(kv), max(q_lens)
+        S = max(g.num_segments for g in classes)
+        width = max(1, max(len(t) for t in tables))
+        W = max(self.max_kv, 1)
+        # per row shape: ancestors [S, S] and the segment of every token [W] (-1 past its end)
+        anc = torch.zeros(len(classes), S, S, dtype=torch.int32)
+        seg = torch.full((len(classes), W), -1, dtype=torch.int32)
+        for c, g in enumerate(classes):
+            anc[c, : g.num_segments, : g.num_segments] = g.ancestors.to(torch.int32)
+            seg[c, : g.num_tokens] = g.token_segments()
+        qo = torch.zeros(B + 1, dtype=torch.int32)
+        qo[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
+        flat = array.array("i")  # page lists -> int32 without a Python loop over the pages
+        for t in tables:
+            flat.extend(t)
+            flat.extend(_ZERO * (width - len(t)))
+        bt = torch.frombuffer(flat, dtype=torch.int32)
+        # one int32 host buffer, one copy: qo_indptr | kv_lens | row shape | block table | ancestors | token_seg
+        host = torch.cat([qo, torch.tensor(kv + row_class, dtype=torch.int32), bt, anc.flatten(),
+                          seg.flatten()])
+        buf = _to_device(host, dev)
+        sizes = (B + 1, B, B, B * width, anc.numel(), seg.numel())
+        qo, kv_d, rc, bt, anc, seg = torch.split(buf, sizes)
+        self.qo_indptr, self.kv_lens, self.block_table = qo, kv_d, bt.view(B, width)
+        rc = rc.long()
+        self.ancestors = anc.view(-1, S, S)[rc].to(torch.uint8)
+        self.token_seg = seg.view(-1, W)[rc]
+
+    @property
+    def graphs(self) -> list[SegmentGraph]:
+        if self._graphs is None:
+            self._graphs = [SegmentGraph(v) for v in self._views]
+        return self._graphs
+
+    def visible_pairs(self) -> int:
+        return sum(self._classes[c].visible_pairs(ql) for c, ql in zip(self._row_class, self.q_lens))
+
+    def tiles(self, block_q: int, block_k: int) -> TileMap:
+        key = (block_q, block_k)
+        if key not in self._tiles:
+            self._tiles[key] = self._tile_map(block_q, block_k)
+        return self._tiles[key]
+
+    def _tile_map(self, bq: int, bk: int) -> TileMap:
+        """The tile map of `AttentionPlan.tiles`, classifying each row shape once."""
+        per_class = []
+        for g, ql in self._class_q_lens():
+            k = _classify(g, ql, bq, bk)
+            nz = k != EMPTY
+            per_class.append((k, nz.sum(1).to(torch.int32), torch.nonzero(nz)[:, 1].to(torch.int32),
+                              (k[nz] == FULL).to(torch.int32)))
+        ws, wq, counts, idx, full, kinds = [], [], [], [], [], []
+        for b, c in enumerate(self._row_class):
+            k, cnt, ix, fl = per_class[c]
+            ws.append(torch.full((k.shape[0],), b, dtype=torch.int32))
+            wq.append(torch.arange(k.shape[0], dtype=torch.int32))
+            counts.append(cnt)
+            idx.append(ix)
+            full.append(fl)
+            kinds.append(k)
+        ws, wq, counts, idx, full = (torch.cat(x) for x in (ws, wq, counts, idx, full))
+        indptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+        indptr[1:] = counts.cumsum(0)
+        buf = _to_device(torch.cat([ws, wq, indptr, idx, full]), self.device)
+        n_w, n_k = ws.numel(), idx.numel()
+        o = [0, n_w, 2 * n_w, 3 * n_w + 1, 3 * n_w + 1 + n_k, 3 * n_w + 1 + 2 * n_k]
+        ws, wq, indptr, idx, full = (buf[o[i]: o[i + 1]] for i in range(5))
+        return TileMap(bq, bk, ws, wq, indptr, idx, full.to(torch.int8), kinds)
+
+    def _class_q_lens(self):
+        ql = {}
+        for c, q in zip(self._row_class, self.q_lens):
+            ql.setdefault(c, q)
+        return [(g, ql[c]) for c, g in enumerate(self._classes)]

@@ -217,6 +217,50 @@ def test_batched_thread_attention(hogwild):
             torch.testing.assert_close(out[i: i + 1], want, atol=1e-5, rtol=1e-5)
 
 
+def _assert_same_plan(got, want, tile_shapes):
+    """Every tensor and field of the batch plan equals a fresh kvfuse.plan of the same graphs."""
+    for name in ("q_lens", "kv_lens_list", "batch_size", "total_q", "max_kv", "max_q", "device"):
+        assert getattr(got, name) == getattr(want, name), name
+    fields = [k for k in vars(want) if not k.startswith("_") and k != "graphs"]
+    for name in fields:  # a field added to AttentionPlan must be built here too
+        w, g = getattr(want, name), getattr(got, name)
+        if isinstance(w, torch.Tensor):
+            assert g.dtype == w.dtype and torch.equal(g, w), name
+    assert [repr(g) for g in got.graphs] == [repr(g) for g in want.graphs]
+    assert got.visible_pairs() == want.visible_pairs()
+    for bq, bk in tile_shapes:
+        tg, tw = got.tiles(bq, bk), want.tiles(bq, bk)
+        for f in ("work_seq", "work_qtile", "kt_indptr", "kt_index", "kt_full"):
+            assert getattr(tg, f).dtype == getattr(tw, f).dtype and torch.equal(getattr(tg, f), getattr(tw, f)), f
+        assert all(torch.equal(a, b) for a, b in zip(tg.kinds, tw.kinds)) and len(tg.kinds) == len(tw.kinds)
+
+
+@pytest.mark.parametrize("hogwild", [False, True], ids=["own", "hogwild"])
+def test_batch_plan_equals_a_fresh_plan_at_every_decode_step(hogwild):
+    """batch_plan's decode path (rows of one shape classified once, token_seg gathered per shape, one
+    transfer) builds exactly kvfuse.plan(AttentionSpec(graphs, q_lens)), step after step, and the
+    attention over it is the same."""
+    s = _store(64)
+    _, _, rows, _ = _prefix_and_threads(s, lens=(5, 0, 3, 2, 2))  # the last two rows have one shape
+    q = torch.randn(len(rows), 2 * H, D)
+    for _ in range(PS + 2):  # crosses a page boundary
+        for r in rows:
+            r.append_kv(*_kv(1))
+        bp = kvfuse.batch_plan(rows, 1, hogwild=hogwild)
+        fresh = kvfuse.plan(kvfuse.AttentionSpec(bp.graphs, [1] * len(rows)))
+        _assert_same_plan(bp.plan, fresh, [(1, 4), (1, 16), (2, 8)])
+        if not hogwild:
+            assert bp.block_table.tolist() == [r.pages + [0] * (bp.block_table.shape[1] - len(r.pages)) for r in rows]
+        want = kvfuse.attention(q, s.k_cache[0], s.v_cache[0], bp.block_table, fresh, backend="torch")
+        got = kvfuse.attention(q, s.k_cache[0], s.v_cache[0], bp.block_table, bp.plan, backend="torch")
+        assert torch.equal(got, want)
+    # several query tokens per row, and a row with none
+    for r in rows:
+        r.append_kv(*_kv(3))
+    bp = kvfuse.batch_plan(rows, [3, 0, 2, 3, 3])
+    _assert_same_plan(bp.plan, kvfuse.plan(kvfuse.AttentionSpec(bp.graphs, [3, 0, 2, 3, 3])), [(4, 4), (2, 8)])
+
+
 # ---------------------------------------------------------------------------------------------- with a model
 STEPS, PREFIX, PAGE = 16, 10, 4
 FIRST = [5, 17, 33]  # each thread's first token (greedy threads from one prefix would be identical)
