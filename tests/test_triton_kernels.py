@@ -106,3 +106,34 @@ def test_compose_partial_rotary_stacked_odd_heads(interleaved):
     reference.compose_copy_(kb, vb, src, dst, idx, cos, sin, 24, interleaved)
     torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
     assert torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_prefill_tensor_descriptor_path_with_poisoned_pool(dtype):
+    """Pages that are a multiple of the key tile take the tensor-descriptor (TMA) path, which reads
+    whole tiles: pool rows past a sequence's end (NaN here) must not leak into the output."""
+    from kvfuse.triton_kernels import attention as ta
+
+    dev = _dev()
+    d = 64
+    bq, bk = ta.tile_shape(d, 1000)
+    page = 2 * bk
+    graphs = [SegmentGraph.fork_join(prefix=bk + 3, threads=[bk - 5, 2 * bk + 1]), SegmentGraph([Segment("x", 7)])]
+    p = kvfuse.plan(kvfuse.AttentionSpec(graphs, device=dev))
+    k, v, table = _pool(p.kv_lens_list, page, 2, d, dtype, dev)
+    for b, n in enumerate(p.kv_lens_list):  # poison every pool row that is not a token of a sequence
+        last = int(table[b, (n - 1) // page])
+        k[last, (n - 1) % page + 1:] = float("nan")
+        v[last, (n - 1) % page + 1:] = float("nan")
+    used = {int(x) for b, n in enumerate(p.kv_lens_list) for x in table[b, : -(-n // page)]}
+    unused = [i for i in range(k.shape[0]) if i not in used]
+    k[unused], v[unused] = float("nan"), float("nan")
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9 or dev.type == "cpu":
+        assert ta.use_tma(k, v, bk)
+    q = torch.randn(p.total_q, 4, d).to(dtype).to(dev)
+    out, lse = kvfuse.attention(q, k, v, table, p, return_lse=True, backend="triton")
+    want, want_lse = reference.segment_attention(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), table,
+                                                 p.kv_lens, p.qo_indptr, p.token_seg, p.ancestors, 1 / 8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse.float(), atol=1e-4, rtol=1e-4)

@@ -17,11 +17,17 @@ through the block table, so any page size works.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: the pointer path only
+    TensorDescriptor = None
 
 from kvfuse.triton_kernels._common import interpreting, sm_count
 
@@ -56,39 +62,57 @@ def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot, with the operands widened to float32 first under the interpreter (whose bf16 dot is wrong)."""
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr, acc=None):
+    """tl.dot (accumulating into ``acc`` when given), with the operands widened to float32 first under
+    the interpreter (whose bf16 dot is wrong)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
 def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr, n, qseg,
           qtok, r_ok, kvh, qk_scale, HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
-          PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr):
-    """One key tile of the online softmax: scores, the element mask on partial tiles, rescale, P @ V."""
+          PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
+    """One key tile of the online softmax: scores, the element mask on partial tiles, rescale, P @ V.
+
+    TMA (the key tile lies inside one page): K and V come through tensor descriptors over the pool
+    viewed as ``[P * page_size, Hkv * D]``, one bulk copy per tile; otherwise token by token through
+    the block table."""
     d = tl.arange(0, D)
     kt = tl.load(kt_index_ptr + i)
     ktok = kt * BK + tl.arange(0, BK)
     k_ok = ktok < n
-    page = tl.load(bt_base + ktok // PAGE, mask=k_ok, other=0)
-    kv_row = ((page.to(tl.int64) * PAGE + ktok % PAGE) * HKV + kvh) * D
-    k = tl.load(k_ptr + kv_row[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-    s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
+    if TMA:
+        page0 = tl.load(bt_base + (kt * BK) // PAGE)
+        row0 = page0 * PAGE + (kt * BK) % PAGE
+        k = k_ptr.load([row0, kvh * D])
+    else:
+        page = tl.load(bt_base + ktok // PAGE, mask=k_ok, other=0)
+        kv_row = ((page.to(tl.int64) * PAGE + ktok % PAGE) * HKV + kvh) * D
+        k = tl.load(k_ptr + kv_row[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+    s = _dot(q, tl.trans(k), PREC, UPCAST)  # unscaled; the scale is folded into the exponent below
     if MASK:
         kseg = tl.load(seg_base + ktok, mask=k_ok, other=-2)
         anc = tl.load(anc_base[:, None] + kseg[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0)
         vis = (anc != 0) | ((qseg[:, None] == kseg[None, :]) & (ktok[None, :] <= qtok[:, None]))
         s = tl.where(vis & k_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+    else:  # a full tile: every row sees every key, so the running maximum is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = m_new
     alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(s * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + kv_row[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-    acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, PREC, UPCAST)
+    if TMA:
+        v = v_ptr.load([row0, kvh * D])
+        if MASK:  # rows past the sequence's end hold whatever the pool has there (p is 0, but 0 * nan is nan)
+            v = tl.where(k_ok[:, None], v, 0.0)
+    else:
+        v = tl.load(v_ptr + kv_row[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+    acc = _dot(_cast(p, v.dtype, UPCAST), v, PREC, UPCAST, acc * alpha[:, None])  # accumulate in place
     return m_new, l_i, acc
 
 
@@ -99,7 +123,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr,
                  HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
                  D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, GP: tl.constexpr, HPP: tl.constexpr,
                  BM: tl.constexpr, NSPLIT: tl.constexpr, PREC: tl.constexpr,
-                 INTERP: tl.constexpr):
+                 INTERP: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False):
     hb = tl.program_id(0)
     w = num_work - 1 - tl.program_id(1)  # the last query tiles have the most key tiles: start them first
     split = tl.program_id(2)
@@ -145,20 +169,20 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr,
         i = i0
         while i < fa:
             m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, False)
+                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, False, TMA)
             i += 1
         i = pb
         while i < i1:
             m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, True)
+                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, True, TMA)
             i += 1
     else:
-        for i in range(i0, fa):
+        for i in tl.range(i0, fa, warp_specialize=WS):
             m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, False)
+                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, False, TMA)
         for i in range(pb, i1):
             m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, True)
+                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, True, TMA)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -201,8 +225,8 @@ def _configs(decode: bool, head_dim: int):
         cfgs = [(4, 4), (4, 3), (8, 3)]
     elif head_dim <= 64:
         cfgs = [(4, 3), (4, 4), (8, 3)]
-    elif head_dim <= 128:
-        cfgs = [(8, 3), (4, 3), (8, 2)]
+    elif head_dim <= 128:  # H200, 128x128 tiles: (8, 4) best with TMA, (8, 2) without (bench/prefill_sweep.py)
+        cfgs = [(8, 4), (8, 3), (8, 2)]
     else:
         cfgs = [(8, 2), (4, 2), (8, 3)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in cfgs]
@@ -218,7 +242,7 @@ def _kernel(decode: bool, head_dim: int):
         return _attn_kernel, dict(num_warps=4)
     key = (decode, head_dim)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(_configs(decode, head_dim), key=["D", "BK", "BM", "GP", "NSPLIT", "PAGE"])(
+        _TUNED[key] = triton.autotune(_configs(decode, head_dim), key=["D", "BK", "BM", "GP", "NSPLIT", "PAGE", "TMA"])(
             _attn_kernel)
     return _TUNED[key], {}
 
@@ -256,6 +280,26 @@ def full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k: int):
     return kt_order, n_full
 
 
+def use_tma(k_cache: torch.Tensor, v_cache: torch.Tensor, block_k: int) -> bool:
+    """Whether prefill key tiles can come through tensor descriptors (TMA on Hopper): every tile lies
+    inside one page (``page_size % block_k == 0``), rows are 16-byte aligned, and the pool's rows fit
+    the descriptor's int32 coordinates. ``KVFUSE_TRITON_TMA=0`` turns it off."""
+    if TensorDescriptor is None or os.environ.get("KVFUSE_TRITON_TMA", "1") == "0":
+        return False
+    if k_cache.is_cuda and torch.cuda.get_device_capability(k_cache.device)[0] < 9:
+        return False
+    p, page, hkv, d = k_cache.shape
+    row_bytes = hkv * d * k_cache.element_size()
+    return (page % block_k == 0 and row_bytes % 16 == 0 and (d * k_cache.element_size()) % 16 == 0
+            and p * page < 2**31 and all(c.data_ptr() % 16 == 0 for c in (k_cache, v_cache)))
+
+
+def _descriptor(cache: torch.Tensor, block_k: int):
+    p, page, hkv, d = cache.shape
+    flat = cache.view(p * page, hkv * d)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_k, d])
+
+
 def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, work_seq,
                       work_qtile, kt_indptr, kt_index, kt_full, block_q: int, block_k: int, sm_scale: float):
     """Segment-masked attention over a paged pool with the plan's tile map.
@@ -287,16 +331,18 @@ def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, toke
         grid = (hq, work, 1)
     kernel, launch = _kernel(decode, d)
     kt_order, n_full = full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k)
+    tma = not decode and use_tma(k_cache, v_cache, block_k)
+    k_arg, v_arg = (_descriptor(k_cache, block_k), _descriptor(v_cache, block_k)) if tma else (k_cache, v_cache)
     if nsplit > 1:
         o_dst = torch.empty(nsplit, total_q, hq, d, dtype=torch.float32, device=q.device)
         l_dst = torch.empty(nsplit, total_q, hq, dtype=torch.float32, device=q.device)
     else:
         o_dst, l_dst = out, lse
-    kernel[grid](q, k_cache, v_cache, o_dst, l_dst, block_table, kv_lens, qo_indptr, token_seg, ancestors,
+    kernel[grid](q, k_arg, v_arg, o_dst, l_dst, block_table, kv_lens, qo_indptr, token_seg, ancestors,
                  work_seq, work_qtile, kt_indptr, kt_order, n_full, float(sm_scale) * LOG2E, work,
                  block_table.stride(0), token_seg.stride(0), ancestors.shape[-1], total_q,
                  HQ=hq, HKV=hkv, GROUP=group, PAGE=page, D=d, BQ=block_q, BK=block_k, GP=gp, HPP=hpp, BM=bm,
-                 NSPLIT=nsplit, PREC=prec, INTERP=interpreting(), **launch)
+                 NSPLIT=nsplit, PREC=prec, INTERP=interpreting(), TMA=tma, **launch)
     if nsplit > 1:
         rows = total_q * hq
         block_r = 16 if q.device.type == "cpu" else max(1, 2048 // d)

@@ -1,0 +1,28 @@
+"""Does a failing TORCH_CHECK inside kvfuse._C raise a Python RuntimeError on this machine?
+
+    python3 bench/gpu_probe_check.py          # prints 'raised: ...' for each probe, or crashes
+"""
+
+import torch
+
+import kvfuse._C as C
+
+dev = torch.device("cuda", 0)
+k = torch.randn(4, 16, 2, 64, device=dev, dtype=torch.bfloat16)
+v = torch.randn_like(k)
+slots = torch.arange(8, device=dev, dtype=torch.int32)
+idx = torch.zeros(8, device=dev, dtype=torch.int32)
+cos = torch.ones(1, 16, device=dev)  # wrong width: rotary_dim 64 needs 32 columns
+sin = torch.zeros(1, 16, device=dev)
+probes = {
+    "rerotate_ wrong table width": lambda: C.rerotate_(k, slots, idx, cos, sin, 64, False),
+    "compose_copy_ wrong table width": lambda: C.compose_copy_(k, v, slots, slots + 8, idx, cos, sin, 64, False),
+    "rerotate_ cpu slots": lambda: C.rerotate_(k, slots.cpu(), idx, cos, sin, 64, False),
+}
+for name, fn in probes.items():
+    try:
+        fn()
+        print(f"{name}: NO ERROR (unexpected)", flush=True)
+    except RuntimeError as e:
+        print(f"{name}: raised RuntimeError: {str(e).splitlines()[0]}", flush=True)
+print("probe done")
