@@ -3,9 +3,8 @@
     python3 bench/gpu_probe_check.py          # prints 'raised: ...' for each probe, or crashes
 """
 
-import torch
-
 import kvfuse._C as C
+import torch
 
 dev = torch.device("cuda", 0)
 k = torch.randn(4, 16, 2, 64, device=dev, dtype=torch.bfloat16)
