@@ -206,3 +206,85 @@ def test_e2e_takes_a_list_of_thread_counts():
     bench._validate(ap, args)
     ctx = common.Ctx(args, torch.device("cpu"))
     assert e2e.default_cases(ctx) == [(32, 2, 16), (32, 4, 8), (64, 2, 32), (64, 4, 16)]
+
+
+def test_git_commit_falls_back_to_the_environment(monkeypatch):
+    """A tree copied without .git (or without git) takes the commit from KVFUSE_GIT_COMMIT."""
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    monkeypatch.delenv("KVFUSE_GIT_COMMIT", raising=False)
+    assert common._git_commit() is None
+    monkeypatch.setenv("KVFUSE_GIT_COMMIT", "abc1234")
+    assert common._git_commit() == "abc1234"
+    assert common.environment(torch.device("cpu"))["git_commit"] == "abc1234"
+
+    class NotARepo:
+        returncode, stdout = 128, ""
+
+    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: NotARepo())
+    assert common._git_commit() == "abc1234"
+
+
+def test_all_time_limit_skips_scenarios_not_started(tmp_path, monkeypatch, capsys):
+    from kvfuse.bench import ceilings
+
+    monkeypatch.setattr(ceilings, "run", lambda ctx: __import__("time").sleep(1.2))
+    out, cs = tmp_path / "all.json", tmp_path / "all.csv"
+    rc = bench.main(["all", "--time-limit", "1", *FAST, "--json", str(out), "--csv", str(cs)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    skipped = {r["scenario"]: r for r in data["results"]}
+    assert set(skipped) == set(bench.ALL_ORDER) - {"ceilings"}
+    assert all(r["status"] == "skipped" and "--time-limit 1 s" in r["note"] for r in skipped.values())
+    assert set(data["meta"]["elapsed_s"]) == {"ceilings"} and data["meta"]["total_s"] >= 1
+    text = capsys.readouterr().out
+    assert "### threads: **skipped**: not started" in text and "wall time per scenario: ceilings" in text
+    with pytest.raises(SystemExit):
+        bench.main(["rerotate", "--time-limit", "1"])  # an option of `all` only
+
+
+def test_rows_record_their_wall_time(tmp_path):
+    rc, data = _run(tmp_path, "rerotate", "--providers", "torch", *TINY["rerotate"])
+    assert rc == 0 and all(r["wall_s"] is not None and r["wall_s"] >= 0 for r in data["results"])
+
+
+def test_threads_reuses_the_model_e2e_kept():
+    pytest.importorskip("transformers")
+    from kvfuse.bench import e2e
+
+    ap = bench.build_parser()
+    args = ap.parse_args(["all", "--device", "cpu"])
+    bench._validate(ap, args)
+    ctx = common.Ctx(args, torch.device("cpu"))
+    m1, cfg1 = e2e.build_model(ctx, 1, 2, 1, 16, keep=True)
+    m2, cfg2 = e2e.build_model(ctx, 1, 2, 1, 16, attn_implementation="kvfuse")
+    assert m2 is m1 and cfg2 is cfg1 and m1.config._attn_implementation == "kvfuse"
+    m3, _ = e2e.build_model(ctx, 2, 2, 1, 16)  # another shape: another model
+    assert m3 is not m1
+
+
+def test_e2e_runs_a_list_of_thread_counts(tmp_path):
+    pytest.importorskip("transformers")
+    argv = list(TINY["e2e"])
+    argv[argv.index("--threads") + 1] = "1,2"
+    rc, data = _run(tmp_path, "e2e", "--providers", "sdpa,torch", *argv)
+    assert rc == 0
+    assert len({r["case"] for r in data["results"]}) == 2
+    assert all(r["status"] == "ok" for r in data["results"])
+
+
+def test_flashinfer_warmup_falls_back_to_lazy_compiles(monkeypatch):
+    """Without a usable FlashInfer the warm-up reports why and nothing else changes; on CPU it never starts."""
+    import sys
+
+    from kvfuse.bench import warmup
+
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # import fails
+    w = warmup.start(torch.bfloat16, 32, 8, 128, torch.device("cpu"))
+    assert w.thread is None and "not run" in w.wait()
+    ap = bench.build_parser()
+    args = ap.parse_args(["all", "--device", "cpu"])
+    bench._validate(ap, args)
+    assert bench._start_warmup(common.Ctx(args, torch.device("cpu")), bench.ALL_ORDER) is None

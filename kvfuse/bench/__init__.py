@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import time
 
@@ -121,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="SCENARIO", required=True)
     for name, text in SCENARIOS.items():
         sub.add_parser(name, parents=[common], help=text, description=text)
-    sub.add_parser("all", parents=[common], help="ceilings, then every scenario, one after the other",
-                   description="ceilings, then every scenario (GPU memory is freed between them)")
+    a = sub.add_parser("all", parents=[common], help="ceilings, then every scenario, one after the other",
+                       description="ceilings, then every scenario (GPU memory is freed between them)")
+    a.add_argument("--time-limit", type=_positive, metavar="SECONDS",
+                   help="start no scenario after SECONDS of the run; those left are reported as skipped (the "
+                        "JSON/CSV are written as usual)")
     return ap
 
 
@@ -173,7 +177,22 @@ def main(argv=None) -> int:
     if args.command not in ("all", "ceilings") and args.measure_ceilings:
         names = ("ceilings",) + names
     meta["elapsed_s"] = {}
+    t_start = time.perf_counter()
+    limit = getattr(args, "time_limit", None)
+    warm = _start_warmup(ctx, names)
     for name in names:
+        if warm is not None and name != "ceilings":
+            line = warm.wait()
+            meta["flashinfer_warmup"] = line
+            if line:
+                print(f"\n{line}", flush=True)
+            warm = None
+        spent = time.perf_counter() - t_start
+        if limit is not None and spent > limit:
+            note = f"not started: --time-limit {limit} s reached ({spent:.0f} s spent)"
+            ctx.results.append(Result(name, "(scenario)", "-", "-", "skipped", note=note))
+            print(f"\n### {name}: **skipped**: {note}", flush=True)
+            continue
         mod = importlib.import_module(f"kvfuse.bench.{name}")
         t0 = time.perf_counter()
         try:
@@ -186,6 +205,12 @@ def main(argv=None) -> int:
             free_memory(device)
             meta["elapsed_s"][name] = round(time.perf_counter() - t0, 1)
             print(f"\n({name}: {meta['elapsed_s'][name]:.0f} s)", flush=True)
+    if warm is not None:
+        meta["flashinfer_warmup"] = warm.wait()
+    meta["total_s"] = round(time.perf_counter() - t_start, 1)
+    if len(names) > 1:
+        print("\nwall time per scenario: " + ", ".join(f"{n} {t:.0f} s" for n, t in meta["elapsed_s"].items())
+              + f"; total {meta['total_s']:.0f} s")
     meta["ceilings"] = dict(ctx.ceilings) if ctx.ceilings else None
     meta["ceilings_source"] = "measured in this run" if ctx.ceilings else ("none (CPU)" if ctx.cpu else "anchors")
     _write_outputs(args, meta, ctx)
@@ -194,6 +219,21 @@ def main(argv=None) -> int:
         print(f"\n{len(wrong)} provider(s) disagree with the reference: " + ", ".join(
             f"{r.scenario}/{r.label}" for r in wrong), file=sys.stderr)
     return 1 if wrong else 0
+
+
+def _start_warmup(ctx: Ctx, names: tuple[str, ...]):
+    """Build FlashInfer's JIT modules in the background when a scenario will use them (GPU only)."""
+    if ctx.cpu or not {"rerotate", "prefill", "decode"} & set(names):
+        return None
+    if ctx.args.providers and "flashinfer" not in ctx.args.providers:
+        return None
+    if importlib.util.find_spec("flashinfer") is None:
+        return None
+    from kvfuse.bench import warmup
+    from kvfuse.bench.common import opt
+
+    hq, hkv, d = opt(ctx, "q_heads", 32), opt(ctx, "kv_heads", 8), opt(ctx, "head_dim", 128)
+    return warmup.start(ctx.dtype, hq, hkv, d, ctx.device)
 
 
 def _write_outputs(args, meta: dict, ctx: Ctx) -> None:

@@ -98,6 +98,7 @@ class Result:
     note: str = ""
     group: str = ""
     x: float | None = None  # the swept size (for --plot)
+    wall_s: float | None = None  # wall time of the row: setup, compilation, check and timing
 
 
 FIELDS = [f.name for f in dataclasses.fields(Result)]
@@ -112,6 +113,7 @@ class Ctx:
     ceilings: dict = dataclasses.field(default_factory=dict)
     ceilings_source: str = "anchors"
     results: list = dataclasses.field(default_factory=list)
+    models: dict = dataclasses.field(default_factory=dict)  # e2e's model, reused by threads (same shape)
 
     @property
     def cpu(self) -> bool:
@@ -157,16 +159,19 @@ def _version(module: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout (``-dirty`` if tracked files changed); where git or the repository is not
+    available (a copied tree), the ``KVFUSE_GIT_COMMIT`` environment variable; else None."""
     here = os.path.dirname(os.path.abspath(__file__))
+    fallback = os.environ.get("KVFUSE_GIT_COMMIT", "").strip() or None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
-            return None
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except Exception:
-        return None
+        return fallback
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -406,6 +411,18 @@ def run_case(ctx: Ctx, case: Case, progress: Progress | None = None) -> list[Res
 
 
 def _run_provider(ctx: Ctx, case: Case, p: Provider, expected: dict) -> Result:
+    t0 = time.perf_counter()
+    r = _run_provider_untimed(ctx, case, p, expected)
+    r.wall_s = round(time.perf_counter() - t0, 2)
+    if r.wall_s >= SLOW_ROW_S:
+        r.note = "; ".join(x for x in (r.note, f"row took {r.wall_s:.0f} s (setup, compilation, check)") if x)
+    return r
+
+
+SLOW_ROW_S = 10.0  # rows slower than this say so in their notes
+
+
+def _run_provider_untimed(ctx: Ctx, case: Case, p: Provider, expected: dict) -> Result:
     unit = "TB/s" if case.ceiling in ("copy", "read") else ("TFLOP/s" if case.ceiling == "matmul" else "")
     nbytes = p.bytes if p.bytes is not None else case.bytes
     nflops = p.flops if p.flops is not None else case.flops

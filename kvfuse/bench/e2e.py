@@ -45,11 +45,19 @@ DEFAULT_PROVIDERS = ("sdpa", "torch", "triton", "cuda")
 NORM_TOL = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 
 
-def build_model(ctx: Ctx, layers: int, hq: int, hkv: int, d: int, attn_implementation: str = "sdpa"):
+def build_model(ctx: Ctx, layers: int, hq: int, hkv: int, d: int, attn_implementation: str = "sdpa",
+                keep: bool = False):
     """A Llama-3-8B-shaped random-weight model (tiny vocab and MLP on CPU), created in ``ctx.dtype`` with
-    ``dtype=`` (``model.to(bf16)`` would round the float32 RoPE frequency buffer to bf16)."""
+    ``dtype=`` (``model.to(bf16)`` would round the float32 RoPE frequency buffer to bf16). ``keep``: hold
+    it in ``ctx.models`` so that a later scenario of the run with the same shape reuses it (switching
+    ``attn_implementation``; the weights are the same seed anyway) instead of building another."""
     import transformers
 
+    key = (layers, hq, hkv, d, ctx.dtype, str(ctx.device))
+    if key in ctx.models:  # built by an earlier scenario of this run (e2e, then threads in `all`)
+        model, cfg = ctx.models[key]
+        model.set_attn_implementation(attn_implementation)
+        return model, cfg
     cpu = ctx.cpu
     cfg = transformers.LlamaConfig(
         vocab_size=1000 if cpu else 128256, hidden_size=hq * d, intermediate_size=2 * hq * d if cpu else 14336,
@@ -63,7 +71,10 @@ def build_model(ctx: Ctx, layers: int, hq: int, hkv: int, d: int, attn_implement
         except TypeError:
             model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
                                                                   torch_dtype=ctx.dtype)
-    return model.to(ctx.device).eval(), cfg
+    model = model.to(ctx.device).eval()
+    if keep:
+        ctx.models[key] = (model, cfg)
+    return model, cfg
 
 
 def _layers(cache):
@@ -203,7 +214,8 @@ def run(ctx: Ctx) -> None:
     cases = default_cases(ctx)
     n_prov = len(provider_selection(ctx, providers(ctx, None, 0), DEFAULT_PROVIDERS))
     prog = Progress(len(cases) * n_prov, NAME, not ctx.args.quiet)
-    model, cfg = build_model(ctx, layers, hq, hkv, d)
+    keep = ctx.args.command == "all"  # the threads scenario comes next and builds the same model
+    model, cfg = build_model(ctx, layers, hq, hkv, d, keep=keep)
     rope = kvfuse.RopeConfig.from_hf(cfg)
     try:
         for P, T, L in cases:
