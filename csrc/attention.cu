@@ -55,8 +55,6 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   const c10::cuda::CUDAGuard guard(q.device());
 
   const int G = static_cast<int>(hq / hkv);
-  const int rows = G * static_cast<int>(block_q);
-  const int rt = kvfuse::decode_rows_per_block(rows);
   kvfuse::DecodeArgs a{};
   a.q = qc.data_ptr();
   a.k_cache = k_cache.data_ptr();
@@ -81,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   a.num_qo_heads = static_cast<int>(hq);
   a.num_kv_heads = static_cast<int>(hkv);
   a.scale_log2 = static_cast<float>(sm_scale * 1.4426950408889634);
-  a.num_row_blocks = (rows + rt - 1) / rt;
+  a.num_row_blocks = kvfuse::decode_row_blocks(a.block_q, G);
   a.total_q = static_cast<int>(total_q);
   int sms = 1;
   KVFUSE_CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
@@ -97,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   a.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   KVFUSE_DISPATCH_HALF(q.scalar_type(), "segment_attention", [&] {
-    KVFUSE_CUDA_OK(kvfuse::decode_attention<scalar_t>(a, static_cast<int>(d), rt, stream));
+    KVFUSE_CUDA_OK(kvfuse::decode_attention<scalar_t>(a, static_cast<int>(d), stream));
   });
   return {out, lse};
 }

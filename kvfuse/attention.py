@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -237,8 +238,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     need = -(-plan.max_kv // page_size)
     if block_table.shape[1] < need:
         raise ValueError(f"block_table has {block_table.shape[1]} columns, the longest sequence needs {need} pages")
-    used = torch.cat([block_table[b, : -(-n // page_size)] for b, n in enumerate(plan.kv_lens_list)])
-    check_in_range("block_table", used, 0, k_cache.shape[0], "page ids")
+    # validated once per (block table, its version, pool size) and plan: every layer of a model step
+    # passes the same table, and each check costs a device round trip
+    seen = getattr(plan, "_checked_table", None)
+    if seen is None or seen[0]() is not block_table or seen[1:] != (block_table._version, k_cache.shape[0]):
+        used = torch.cat([block_table[b, : -(-n // page_size)] for b, n in enumerate(plan.kv_lens_list)])
+        check_in_range("block_table", used, 0, k_cache.shape[0], "page ids")
+        plan._checked_table = (weakref.ref(block_table), block_table._version, k_cache.shape[0])
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
 
     b = choose("segment_attention", backend, q=q, k_cache=k_cache, plan=plan)

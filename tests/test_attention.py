@@ -169,6 +169,12 @@ def test_attention_misuse_fails_loudly():
     bad[0, 0] = k.shape[0]
     with pytest.raises(ValueError, match="page ids"):
         kvfuse.attention(q, k, v, bad, p)
+    # the check is cached per (table, version): a table that passed and is then changed in place is checked again
+    ok = table.clone()
+    kvfuse.attention(q, k, v, ok, p)
+    ok[0, 0] = k.shape[0]
+    with pytest.raises(ValueError, match="page ids"):
+        kvfuse.attention(q, k, v, ok, p)
 
 
 def test_strided_block_table_is_honoured(backend):

@@ -156,16 +156,28 @@ void test_merge_states() {
   expect(err < 1e-4, "merge_states f32", err);
 }
 
-// Three segments (prefix, thread A, thread B); queries are the last tokens of thread B, which sees
-// the prefix and its own causal past but not thread A.
+// Decode attention against a float64 loop. Each sequence has three segments (prefix, thread A,
+// thread B: B sees the prefix and its own causal past, not A); its queries are its last q_len tokens
+// (they may straddle A and B). The tile map lists, per work item (one query tile), the key tiles
+// with any visible pair, flagged full where every pair with a key below kv_len is visible, as the
+// plan does; `empty_last` lists none for the last sequence, whose queries must then see nothing
+// (output 0, LSE -inf). Outputs are poisoned before the call.
+struct DecodeCase {
+  int D, Hq, Hkv, qlen, ps, bq, bk, splits_hint;
+  std::vector<int> lens;
+  bool empty_last;
+};
+
 template <typename T>
-void test_decode(int D, int Hq, int Hkv, int qlen, int ps, int splits_hint, const char* name) {
-  const int B = 2;
-  const int lens[B] = {301, 150};
-  const int bk = 64;
-  int bq = 1;
-  while (bq < qlen) bq *= 2;
-  const int max_pages = (lens[0] + ps - 1) / ps;
+void test_decode(const DecodeCase& t, const char* name) {
+  const int B = static_cast<int>(t.lens.size());
+  const int D = t.D, Hq = t.Hq, Hkv = t.Hkv, G = Hq / Hkv, qlen = t.qlen, ps = t.ps, bk = t.bk;
+  int bq = t.bq;
+  if (bq == 0)
+    for (bq = 1; bq < qlen; bq *= 2) {
+    }
+  const int max_kv = *std::max_element(t.lens.begin(), t.lens.end());
+  const int max_pages = (max_kv + ps - 1) / ps;
   const int P = B * max_pages + 3;
   std::vector<int32_t> bt(B * max_pages);
   std::vector<int> pages(P);
@@ -176,77 +188,102 @@ void test_decode(int D, int Hq, int Hkv, int qlen, int ps, int splits_hint, cons
   std::vector<T> kc(pool), vc(pool);
   for (auto& x : kc) x = h_from<T>(randn());
   for (auto& x : vc) x = h_from<T>(randn());
-  const int S = 3, max_kv = lens[0];
+  const int S = 3;
   std::vector<int32_t> seg(B * max_kv, -1), kv_lens(B), qo(B + 1, 0);
   std::vector<uint8_t> anc(B * S * S, 0);
   for (int b = 0; b < B; ++b) {
-    const int n = lens[b], p0 = n / 3, a1 = p0 + (n - p0) / 2;
+    const int n = t.lens[b], p0 = n / 3, a1 = p0 + (n - p0) / 2;
     for (int j = 0; j < n; ++j) seg[b * max_kv + j] = j < p0 ? 0 : (j < a1 ? 1 : 2);
     anc[b * S * S + 1 * S + 0] = anc[b * S * S + 2 * S + 0] = 1;
     kv_lens[b] = n;
     qo[b + 1] = qo[b] + qlen;
   }
+  auto visible = [&](int b, int qp, int j) {
+    const int sq = seg[b * max_kv + qp], sk = seg[b * max_kv + j];
+    return (sk == sq && j <= qp) || anc[b * S * S + sq * S + sk] != 0;
+  };
   const int total_q = qo[B];
   std::vector<T> q(static_cast<std::size_t>(total_q) * Hq * D);
   for (auto& x : q) x = h_from<T>(randn());
-  // Tile map: one work item per sequence, every key tile listed as partial except the first
-  // (the prefix only, which every query sees fully when it lies inside segment 0).
   std::vector<int32_t> ws, wq, indptr{0}, idx;
   std::vector<int8_t> full;
+  std::vector<std::vector<char>> listed(B);  // per sequence and query tile: key tile listed
   for (int b = 0; b < B; ++b) {
-    ws.push_back(b);
-    wq.push_back(0);
-    const int nt = (lens[b] + bk - 1) / bk;
-    for (int t = 0; t < nt; ++t) {
-      idx.push_back(t);
-      full.push_back(t == 0 && bk <= lens[b] / 3 ? 1 : 0);
+    const int n = t.lens[b], nt = (n + bk - 1) / bk, nqt = (qlen + bq - 1) / bq;
+    listed[b].assign(static_cast<std::size_t>(nqt) * nt, 0);
+    for (int qt = 0; qt < nqt; ++qt) {
+      ws.push_back(b);
+      wq.push_back(qt);
+      for (int kt = 0; kt < nt && !(t.empty_last && b == B - 1); ++kt) {
+        bool any = false, all = true;
+        for (int qi = qt * bq; qi < std::min(qlen, qt * bq + bq); ++qi)
+          for (int j = kt * bk; j < std::min(n, kt * bk + bk); ++j) {
+            const bool v = visible(b, n - qlen + qi, j);
+            any = any || v;
+            all = all && v;
+          }
+        if (!any) continue;
+        listed[b][qt * nt + kt] = 1;
+        idx.push_back(kt);
+        full.push_back(all ? 1 : 0);
+      }
+      indptr.push_back(static_cast<int32_t>(idx.size()));
     }
-    indptr.push_back(static_cast<int32_t>(idx.size()));
+  }
+  if (idx.empty()) {  // keep the device arrays non-empty
+    idx.push_back(0);
+    full.push_back(0);
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   Dev<T> dq(q), dk(kc), dv(vc);
   Dev<int32_t> dbt(bt), dlen(kv_lens), dqo(qo), dseg(seg), dws(ws), dwq(wq), dip(indptr), didx(idx);
   Dev<uint8_t> danc(anc);
   Dev<int8_t> dfull(full);
-  std::vector<T> out_h(q.size());
-  std::vector<float> lse_h(static_cast<std::size_t>(total_q) * Hq);
+  std::vector<T> out_h(q.size(), h_from<T>(12345.f));
+  std::vector<float> lse_h(static_cast<std::size_t>(total_q) * Hq, NAN);
   Dev<T> dout(out_h);
   Dev<float> dlse(lse_h);
-  const int rows = (Hq / Hkv) * bq;
-  const int rt = kvfuse::decode_rows_per_block(rows);
   kvfuse::DecodeArgs a{};
   a.q = dq.p; a.k_cache = dk.p; a.v_cache = dv.p; a.block_table = dbt.p; a.bt_stride = max_pages;
   a.kv_lens = dlen.p; a.qo_indptr = dqo.p; a.token_seg = dseg.p; a.seg_stride = max_kv;
   a.ancestors = danc.p; a.num_segs = S; a.work_seq = dws.p; a.work_qtile = dwq.p; a.kt_indptr = dip.p;
-  a.kt_index = didx.p; a.kt_full = dfull.p; a.num_work = B; a.block_q = bq; a.block_k = bk;
-  a.page_size = ps; a.num_qo_heads = Hq; a.num_kv_heads = Hkv; a.scale_log2 = scale * 1.4426950408889634f;
-  a.num_row_blocks = (rows + rt - 1) / rt; a.total_q = total_q;
-  a.num_splits = kvfuse::decode_plan_splits(static_cast<long long>(idx.size()), B, Hkv, a.num_row_blocks, splits_hint);
-  std::vector<float> po(static_cast<std::size_t>(a.num_splits) * total_q * Hq * D), pl(static_cast<std::size_t>(a.num_splits) * total_q * Hq);
+  a.kt_index = didx.p; a.kt_full = dfull.p; a.num_work = static_cast<int>(ws.size()); a.block_q = bq;
+  a.block_k = bk; a.page_size = ps; a.num_qo_heads = Hq; a.num_kv_heads = Hkv;
+  a.scale_log2 = scale * 1.4426950408889634f;
+  a.num_row_blocks = kvfuse::decode_row_blocks(bq, G); a.total_q = total_q;
+  a.num_splits = kvfuse::decode_plan_splits(static_cast<long long>(indptr.back()), a.num_work, Hkv,
+                                            a.num_row_blocks, t.splits_hint);
+  std::vector<float> po(static_cast<std::size_t>(a.num_splits) * total_q * Hq * D, NAN);
+  std::vector<float> pl(static_cast<std::size_t>(a.num_splits) * total_q * Hq, NAN);
   Dev<float> dpo(po), dpl(pl);
   a.part_o = dpo.p; a.part_lse = dpl.p; a.out = dout.p; a.lse = dlse.p;
-  CK(kvfuse::decode_attention<T>(a, D, rt, nullptr));
+  CK(kvfuse::decode_attention<T>(a, D, nullptr));
   CK(cudaDeviceSynchronize());
   out_h = dout.get();
   lse_h = dlse.get();
   double err = 0;
-  const int G = Hq / Hkv;
+  bool empty_ok = true;
   for (int b = 0; b < B; ++b) {
-    const int n = lens[b];
+    const int n = t.lens[b], nt = (n + bk - 1) / bk;
     for (int qi = 0; qi < qlen; ++qi) {
-      const int qp = n - qlen + qi, sq = seg[b * max_kv + qp];
+      const int qp = n - qlen + qi;
       for (int h = 0; h < Hq; ++h) {
         const std::size_t qrow = (static_cast<std::size_t>(qo[b] + qi) * Hq + h) * D;
         std::vector<double> sc(n, -INFINITY);
         double m = -INFINITY;
         for (int j = 0; j < n; ++j) {
-          const int sk = seg[b * max_kv + j];
-          if (!((sk == sq && j <= qp) || anc[b * S * S + sq * S + sk])) continue;
+          if (!visible(b, qp, j) || !listed[b][(qi / bq) * nt + j / bk]) continue;
           const std::size_t ko = ((static_cast<std::size_t>(bt[b * max_pages + j / ps]) * ps + j % ps) * Hkv + h / G) * D;
           double d = 0;
-          for (int e = 0; e < D; ++e) d += h_to(q[qrow + e]) * h_to(kc[ko + e]);
+          for (int e = 0; e < D; ++e) d += static_cast<double>(h_to(q[qrow + e])) * h_to(kc[ko + e]);
           sc[j] = d * scale;
           m = std::max(m, sc[j]);
+        }
+        const float got_lse = lse_h[(qo[b] + qi) * Hq + h];
+        if (std::isinf(m)) {  // sees nothing
+          for (int e = 0; e < D; ++e) empty_ok = empty_ok && h_to(out_h[qrow + e]) == 0.f;
+          empty_ok = empty_ok && std::isinf(got_lse) && got_lse < 0;
+          continue;
         }
         double l = 0;
         std::vector<double> o(D, 0.0);
@@ -257,14 +294,18 @@ void test_decode(int D, int Hq, int Hkv, int qlen, int ps, int splits_hint, cons
           const std::size_t vo = ((static_cast<std::size_t>(bt[b * max_pages + j / ps]) * ps + j % ps) * Hkv + h / G) * D;
           for (int e = 0; e < D; ++e) o[e] += p * h_to(vc[vo + e]);
         }
-        for (int e = 0; e < D; ++e) err = std::max(err, std::fabs(o[e] / l - h_to(out_h[qrow + e])));
-        err = std::max(err, std::fabs(m + std::log(l) - lse_h[(qo[b] + qi) * Hq + h]));
+        for (int e = 0; e < D; ++e) {
+          const double x = std::fabs(o[e] / l - h_to(out_h[qrow + e]));
+          err = std::max(err, std::isnan(x) ? INFINITY : x);
+        }
+        const double x = std::fabs(m + std::log(l) - got_lse);
+        err = std::max(err, std::isnan(x) ? INFINITY : x);
       }
     }
   }
-  char label[96];
-  std::snprintf(label, sizeof(label), "%s (splits %d)", name, a.num_splits);
-  expect(err < 2e-2, label, err);
+  char label[160];
+  std::snprintf(label, sizeof(label), "%s (splits %d, row blocks %d)", name, a.num_splits, a.num_row_blocks);
+  expect(err < 2e-2 && empty_ok, label, err);
 }
 
 }  // namespace
@@ -284,10 +325,24 @@ int main() {
   test_slot_kernels<__nv_bfloat16>(true, true, 2, 6, 5, 3, 64, 64, "compose bf16 interleaved stacked ps5");
   test_slot_kernels<float>(true, false, 1, 30, 1, 1, 64, 64, "compose f32 neox ps1");
   test_merge_states();
-  test_decode<__nv_bfloat16>(128, 32, 8, 1, 16, 1, "decode bf16 d128 gqa4 q1");
-  test_decode<__nv_bfloat16>(128, 32, 8, 1, 16, 2048, "decode bf16 d128 gqa4 q1 split");
-  test_decode<__half>(64, 6, 2, 3, 5, 2048, "decode f16 d64 gqa3 q3 ps5 split");
-  test_decode<__nv_bfloat16>(256, 4, 1, 8, 16, 64, "decode bf16 d256 mqa q8");
+  using BF = __nv_bfloat16;
+  // {D, Hq, Hkv, q_len, page, block_q (0: next pow2 of q_len), block_k, splits hint, lens, empty_last}
+  test_decode<BF>({128, 32, 8, 1, 16, 0, 64, 1, {301, 150}, false}, "decode bf16 d128 gqa4 q1");
+  test_decode<BF>({128, 32, 8, 1, 16, 0, 64, 2048, {301, 150}, false}, "decode bf16 d128 gqa4 q1 split");
+  test_decode<BF>({128, 8, 2, 1, 16, 0, 64, 8, {2048, 1000, 77}, false}, "decode bf16 d128 gqa4 long, few splits");
+  test_decode<__half>({128, 32, 8, 1, 16, 0, 64, 2048, {301, 150}, false}, "decode f16 d128 gqa4 q1 split");
+  test_decode<__half>({64, 6, 2, 3, 5, 0, 64, 2048, {301, 150}, false}, "decode f16 d64 gqa3 q3 ps5 split");
+  test_decode<BF>({256, 4, 1, 8, 16, 0, 64, 64, {301, 150}, false}, "decode bf16 d256 mqa4 q8 (2 row blocks)");
+  test_decode<__half>({256, 4, 2, 4, 3, 0, 64, 256, {301, 150, 40}, false}, "decode f16 d256 gqa2 q4 ps3");
+  test_decode<BF>({64, 3, 3, 1, 1, 0, 64, 64, {301, 150}, false}, "decode bf16 d64 mha q1 ps1");
+  test_decode<__half>({128, 16, 2, 2, 1, 0, 64, 512, {301, 150}, false}, "decode f16 d128 gqa8 q2 ps1 (16 rows)");
+  test_decode<BF>({128, 16, 1, 1, 7, 0, 64, 512, {301, 150}, false}, "decode bf16 d128 gqa16 q1 ps7");
+  test_decode<BF>({128, 16, 2, 8, 16, 0, 64, 512, {301, 150, 17}, false}, "decode bf16 d128 gqa8 q8 (4 row blocks)");
+  test_decode<__half>({64, 8, 2, 8, 16, 4, 64, 64, {301, 150}, false}, "decode f16 d64 gqa4 q8 block_q 4");
+  test_decode<BF>({64, 4, 1, 1, 16, 0, 32, 64, {301, 150}, false}, "decode bf16 d64 block_k 32");
+  test_decode<BF>({128, 8, 2, 2, 16, 0, 128, 64, {301, 150}, false}, "decode bf16 d128 block_k 128 (2 chunks)");
+  test_decode<__half>({128, 32, 8, 1, 16, 0, 64, 2048, {301, 150}, true}, "decode f16 d128 query sees nothing");
+  test_decode<BF>({128, 8, 2, 1, 16, 0, 64, 1, {301, 150}, true}, "decode bf16 d128 sees nothing, no split");
   std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }

@@ -16,7 +16,8 @@ ATTN_DTYPES = (torch.float16, torch.bfloat16)
 ATTN_HEAD_DIMS = (64, 128, 256)
 DECODE_MAX_Q = 8  # queries per sequence the decode kernel takes; prefill belongs to the Triton backend
 DECODE_BLOCK_K = 64
-MAX_GRID_Y = 65535
+# dynamic shared memory per block of the decode kernel (csrc/include/kvfuse/attention.cuh, DecodeConfig)
+DECODE_SMEM = {64: 65536, 128: 98304, 256: 139264}
 
 
 def _device_reasons(name, t) -> list[str]:
@@ -62,9 +63,16 @@ def _attention_reasons(q=None, k_cache=None, plan=None, **_) -> list[str]:
     if plan is not None and plan.max_q > DECODE_MAX_Q:
         why.append(f"the CUDA kernel is a decode kernel: at most {DECODE_MAX_Q} queries per sequence, "
                    f"the plan has {plan.max_q} (prefill runs on the Triton backend)")
-    hkv = k_cache.shape[-2]
-    if hkv * ((q.shape[1] // max(hkv, 1)) * DECODE_MAX_Q + 3) // 4 > MAX_GRID_Y:
-        why.append(f"too many heads ({q.shape[1]}) for the decode grid")
+    if q.device.type == "cuda":
+        props = torch.cuda.get_device_properties(q.device)
+        if props.major < 8:
+            why.append(f"the decode kernel needs compute capability 8.0 or newer (tensor-core mma, cp.async), "
+                       f"{props.name} is {props.major}.{props.minor}")
+        optin = getattr(props, "shared_memory_per_block_optin", None)
+        need = DECODE_SMEM.get(q.shape[-1])
+        if optin and need and need > optin:
+            why.append(f"head_dim {q.shape[-1]} needs {need} bytes of shared memory per block, "
+                       f"{props.name} allows {optin}")
     return why
 
 

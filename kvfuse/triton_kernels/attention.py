@@ -116,7 +116,9 @@ def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_ind
     return m_new, l_i, acc
 
 
-@triton.jit
+# sizes that change from step to step while decoding are not specialised on (divisibility by 16,
+# == 1): each new specialisation is a compile of seconds in the middle of a decode loop
+@triton.jit(do_not_specialize=["num_work", "bt_stride", "seg_stride", "num_segs", "total_q"])
 def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr, seg_ptr, anc_ptr,
                  work_seq_ptr, work_qtile_ptr, kt_indptr_ptr, kt_index_ptr, nfull_ptr,
                  qk_scale, num_work, bt_stride, seg_stride, num_segs, total_q,
@@ -197,7 +199,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr,
         tl.store(lse_ptr + q_row, lse, mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _merge_splits_kernel(op_ptr, lp_ptr, o_ptr, lse_ptr, rows, NSPLIT: tl.constexpr, D: tl.constexpr,
                          BLOCK_R: tl.constexpr, INTERP: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

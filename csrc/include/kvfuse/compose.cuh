@@ -32,6 +32,7 @@ cudaError_t compose_copy(const ComposeArgs& a, cudaStream_t stream) {
   p.v = a.v_cache;
   p.src_slots = a.src_slots;
   p.dst_slots = a.dst_slots;
+  p.slots64 = a.slots64;
   p.table_idx = a.table_idx;
   p.cos = a.cos;
   p.sin = a.sin;
@@ -41,8 +42,7 @@ cudaError_t compose_copy(const ComposeArgs& a, cudaStream_t stream) {
   p.num_heads = a.num_heads;
   p.head_dim = a.head_dim;
   p.rotary_dim = a.rotary_dim;
-  return a.slots64 ? launch_slot_rotate<T, true, int64_t>(p, a.interleaved, stream)
-                   : launch_slot_rotate<T, true, int32_t>(p, a.interleaved, stream);
+  return launch_slot_rotate<T, true>(p, a.interleaved, stream);
 }
 
 }  // namespace kvfuse

@@ -27,6 +27,7 @@ cudaError_t rerotate(const RerotateArgs& a, cudaStream_t stream) {
   p.k = a.k_cache;
   p.v = nullptr;
   p.src_slots = p.dst_slots = a.slots;
+  p.slots64 = a.slots64;
   p.table_idx = a.table_idx;
   p.cos = a.cos;
   p.sin = a.sin;
@@ -36,8 +37,7 @@ cudaError_t rerotate(const RerotateArgs& a, cudaStream_t stream) {
   p.num_heads = a.num_heads;
   p.head_dim = a.head_dim;
   p.rotary_dim = a.rotary_dim;
-  return a.slots64 ? launch_slot_rotate<T, false, int64_t>(p, a.interleaved, stream)
-                   : launch_slot_rotate<T, false, int32_t>(p, a.interleaved, stream);
+  return launch_slot_rotate<T, false>(p, a.interleaved, stream);
 }
 
 }  // namespace kvfuse
