@@ -251,10 +251,12 @@ def _kernel(decode: bool, head_dim: int):
 
 def num_splits(work: int, hkv: int, max_tiles: int, device: torch.device) -> int:
     """Splits of each decode work item's key tiles: enough programs for ~8 per multiprocessor,
-    with at least 8 key tiles per split (2 under the interpreter)."""
+    with at least 8 key tiles per split (2 under the interpreter). A power of two: the split count is
+    a compile-time constant, so a growing context recompiles at most a few times."""
     min_tiles = 2 if device.type == "cpu" else 8
     want = triton.cdiv(8 * sm_count(device), max(1, work * hkv))
-    return int(max(1, min(want, max_tiles // min_tiles, 64)))
+    n = int(max(1, min(want, max_tiles // min_tiles, 64)))
+    return 1 << (n.bit_length() - 1)
 
 
 _ORDERS: dict = {}  # id(kt_index) -> (weakref to it, kt_full, block_k, kt_order, n_full)
