@@ -43,17 +43,21 @@ def _compose_copy_kernel(k_ptr, v_ptr, src_ptr, dst_ptr, tidx_ptr, cos_ptr, sin_
     cs_mask = s_ok[:, None] & (j < HALF)[None, :]
     c = tl.load(cos_ptr + ti[:, None] * HALF + j[None, :], mask=cs_mask, other=0.0)[:, None, :]
     s = tl.load(sin_ptr + ti[:, None] * HALF + j[None, :], mask=cs_mask, other=0.0)[:, None, :]
-    if INTERLEAVED:
-        o1 = (2 * j)[None, None, :]
-        o2 = o1 + 1
+    if INTERLEAVED:  # pairs (2j, 2j+1): one contiguous load of the rotary dims, split into even / odd
+        e = tl.arange(0, 2 * HALF_P)
+        m = s_ok[:, None, None] & h_ok & (e < 2 * HALF)[None, None, :]
+        x = tl.load(k_ptr + src_row + e[None, None, :], mask=m, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [BLOCK_S, H_P, HALF_P, 2]))
+        y = tl.reshape(tl.join(x1 * c - x2 * s, x2 * c + x1 * s), [BLOCK_S, H_P, 2 * HALF_P])
+        tl.store(k_ptr + dst_row + e[None, None, :], y.to(k_ptr.dtype.element_ty), mask=m)
     else:
         o1 = j[None, None, :]
         o2 = o1 + HALF
-    m = s_ok[:, None, None] & h_ok & (j < HALF)[None, None, :]
-    x1 = tl.load(k_ptr + src_row + o1, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(k_ptr + src_row + o2, mask=m, other=0.0).to(tl.float32)
-    tl.store(k_ptr + dst_row + o1, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
-    tl.store(k_ptr + dst_row + o2, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
+        m = s_ok[:, None, None] & h_ok & (j < HALF)[None, None, :]
+        x1 = tl.load(k_ptr + src_row + o1, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(k_ptr + src_row + o2, mask=m, other=0.0).to(tl.float32)
+        tl.store(k_ptr + dst_row + o1, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
+        tl.store(k_ptr + dst_row + o2, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
 
     # K: dims past rotary_dim are copied unchanged
     if TAIL > 0:

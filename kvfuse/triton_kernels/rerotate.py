@@ -32,17 +32,22 @@ def _rerotate_kernel(k_ptr, slots_ptr, tidx_ptr, cos_ptr, sin_ptr, n, layer_stri
 
     base = layer.to(tl.int64) * layer_stride + slot * (H * D)
     row = k_ptr + base[:, None, None] + (h * D)[None, :, None]
-    if INTERLEAVED:
-        p1 = row + (2 * j)[None, None, :]
-        p2 = p1 + 1
+    if INTERLEAVED:  # pairs (2j, 2j+1): one contiguous load of the rotary dims, split into even / odd
+        e = tl.arange(0, 2 * HALF_P)
+        p = row + e[None, None, :]
+        m = s_ok[:, None, None] & (h < H)[None, :, None] & (e < 2 * HALF)[None, None, :]
+        x = tl.load(p, mask=m, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [BLOCK_S, H_P, HALF_P, 2]))
+        y = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)
+        tl.store(p, tl.reshape(y, [BLOCK_S, H_P, 2 * HALF_P]).to(k_ptr.dtype.element_ty), mask=m)
     else:
         p1 = row + j[None, None, :]
         p2 = p1 + HALF
-    m = s_ok[:, None, None] & (h < H)[None, :, None] & (j < HALF)[None, None, :]
-    x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(p2, mask=m, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
-    tl.store(p2, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
+        m = s_ok[:, None, None] & (h < H)[None, :, None] & (j < HALF)[None, None, :]
+        x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(p2, mask=m, other=0.0).to(tl.float32)
+        tl.store(p1, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
+        tl.store(p2, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
 
 
 def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, table_idx: torch.Tensor, cos: torch.Tensor,
