@@ -209,7 +209,7 @@ def test_e2e_takes_a_list_of_thread_counts():
 
 
 def test_git_commit_falls_back_to_the_environment(monkeypatch):
-    """A tree copied without .git (or without git) takes the commit from KVFUSE_GIT_COMMIT."""
+    """KVFUSE_GIT_COMMIT wins when set (a copied tree's .git may be stale); git otherwise."""
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
@@ -225,6 +225,14 @@ def test_git_commit_falls_back_to_the_environment(monkeypatch):
 
     monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: NotARepo())
     assert common._git_commit() == "abc1234"
+
+    class Repo:
+        returncode, stdout = 0, "f00d\n"
+
+    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: Repo())
+    assert common._git_commit() == "abc1234"  # the environment wins over a .git that may be stale
+    monkeypatch.delenv("KVFUSE_GIT_COMMIT")
+    assert common._git_commit().startswith("f00d")
 
 
 def test_all_time_limit_skips_scenarios_not_started(tmp_path, monkeypatch, capsys):

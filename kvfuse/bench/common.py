@@ -159,10 +159,12 @@ def _version(module: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the checkout (``-dirty`` if tracked files changed); where git or the repository is not
-    available (a copied tree), the ``KVFUSE_GIT_COMMIT`` environment variable; else None."""
+    """The ``KVFUSE_GIT_COMMIT`` environment variable when set (a copied tree whose ``.git``, if any,
+    may not match the files); else HEAD of the checkout (``-dirty`` if tracked files changed); else None."""
     here = os.path.dirname(os.path.abspath(__file__))
     fallback = os.environ.get("KVFUSE_GIT_COMMIT", "").strip() or None
+    if fallback:
+        return fallback
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
