@@ -1,6 +1,9 @@
-"""Does a failing TORCH_CHECK inside kvfuse._C raise a Python RuntimeError on this machine?
+"""Does a failed argument check inside kvfuse._C raise a Python error (ValueError) on this machine?
 
-    python3 bench/gpu_probe_check.py          # prints 'raised: ...' for each probe, or crashes
+(TORCH_CHECK's ostream formatting of numbers crashed the process on the H200 image; the extension's
+checks now build their messages without ostreams: see csrc/torch_utils.h.)
+
+    python3 bench/gpu_probe_check.py          # prints 'raised ValueError: ...' for each probe, or crashes
 """
 
 import kvfuse._C as C
@@ -22,6 +25,6 @@ for name, fn in probes.items():
     try:
         fn()
         print(f"{name}: NO ERROR (unexpected)", flush=True)
-    except RuntimeError as e:
-        print(f"{name}: raised RuntimeError: {str(e).splitlines()[0]}", flush=True)
+    except (ValueError, RuntimeError) as e:
+        print(f"{name}: raised {type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
 print("probe done")

@@ -6,13 +6,13 @@ void compose_copy_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor src_slots,
                    at::Tensor table_idx, at::Tensor cos, at::Tensor sin, int64_t rotary_dim, bool interleaved) {
   const auto d = kvfuse::pool_dims(k_cache, "k_cache");
   kvfuse::pool_dims(v_cache, "v_cache");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type() &&
+  KVFUSE_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type() &&
                   v_cache.device() == k_cache.device(),
               "k_cache and v_cache must have the same shape, dtype and device");
-  TORCH_CHECK(src_slots.dim() == 1 && dst_slots.sizes() == src_slots.sizes(), "src_slots/dst_slots must be [N]");
+  KVFUSE_CHECK(src_slots.dim() == 1 && dst_slots.sizes() == src_slots.sizes(), "src_slots/dst_slots must be [N]");
   for (const at::Tensor* t : {&src_slots, &dst_slots}) {
-    TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong, "slots must be int32/int64");
-    TORCH_CHECK(t->device() == k_cache.device(), "slots must be on the cache's device");
+    KVFUSE_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong, "slots must be int32/int64");
+    KVFUSE_CHECK(t->device() == k_cache.device(), "slots must be on the cache's device");
   }
   const int64_t n = src_slots.size(0);
   kvfuse::check_table(table_idx, cos, sin, n, rotary_dim, d[3], k_cache);

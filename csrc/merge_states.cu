@@ -4,13 +4,13 @@
 
 std::tuple<at::Tensor, at::Tensor> merge_states(at::Tensor v_a, at::Tensor s_a, at::Tensor v_b, at::Tensor s_b) {
   KVFUSE_CHECK_CUDA(v_a);
-  TORCH_CHECK(v_a.dim() == 3 && v_b.sizes() == v_a.sizes(), "v_a/v_b must be [N, H, D] of one shape");
-  TORCH_CHECK(v_b.scalar_type() == v_a.scalar_type(), "v_a and v_b must have one dtype");
+  KVFUSE_CHECK(v_a.dim() == 3 && v_b.sizes() == v_a.sizes(), "v_a/v_b must be [N, H, D] of one shape");
+  KVFUSE_CHECK(v_b.scalar_type() == v_a.scalar_type(), "v_a and v_b must have one dtype");
   for (const at::Tensor* s : {&s_a, &s_b}) {
     KVFUSE_CHECK_DTYPE((*s), at::kFloat);
-    TORCH_CHECK(s->sizes() == v_a.sizes().slice(0, 2), "s_a/s_b must be [N, H]");
+    KVFUSE_CHECK(s->sizes() == v_a.sizes().slice(0, 2), "s_a/s_b must be [N, H]");
   }
-  for (const at::Tensor* t : {&v_b, &s_a, &s_b}) TORCH_CHECK(t->device() == v_a.device(), "inputs on one device");
+  for (const at::Tensor* t : {&v_b, &s_a, &s_b}) KVFUSE_CHECK(t->device() == v_a.device(), "inputs on one device");
   const at::Tensor va = v_a.contiguous(), vb = v_b.contiguous(), sa = s_a.contiguous(), sb = s_b.contiguous();
   at::Tensor v = at::empty_like(va);
   at::Tensor s = at::empty_like(sa);

@@ -5,8 +5,8 @@
 void rerotate_(at::Tensor k_cache, at::Tensor slots, at::Tensor table_idx, at::Tensor cos, at::Tensor sin,
                int64_t rotary_dim, bool interleaved) {
   const auto d = kvfuse::pool_dims(k_cache, "k_cache");
-  TORCH_CHECK(slots.dim() == 1, "slots must be 1-D");
-  TORCH_CHECK(slots.scalar_type() == at::kInt || slots.scalar_type() == at::kLong, "slots must be int32/int64");
+  KVFUSE_CHECK(slots.dim() == 1, "slots must be 1-D");
+  KVFUSE_CHECK(slots.scalar_type() == at::kInt || slots.scalar_type() == at::kLong, "slots must be int32/int64");
   KVFUSE_CHECK_SAME_DEVICE(slots, k_cache);
   const int64_t n = slots.size(0);
   kvfuse::check_table(table_idx, cos, sin, n, rotary_dim, d[3], k_cache);

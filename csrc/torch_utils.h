@@ -7,16 +7,54 @@
 #include <cuda_fp16.h>
 #include <torch/types.h>
 
-#define KVFUSE_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
-#define KVFUSE_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
-#define KVFUSE_CHECK_DTYPE(x, dt) TORCH_CHECK((x).scalar_type() == (dt), #x " must be " #dt ", got ", (x).scalar_type())
-#define KVFUSE_CHECK_SAME_DEVICE(x, y) TORCH_CHECK((x).device() == (y).device(), #x " and " #y " must be on one device")
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+// Error messages are built with std::string / std::to_string, never with an ostream: TORCH_CHECK
+// formats its arguments through std::ostringstream inside this extension, and on a machine whose
+// C++ runtime differs from the one the extension was compiled against, inserting a number into that
+// stream crashed (SIGSEGV in basic_ostream::_M_insert<long>) instead of raising. A failed check
+// raises ValueError in Python (std::invalid_argument), a failed CUDA call RuntimeError.
+namespace kvfuse::msg {
+inline void put(std::string& s, const char* x) { s += x; }
+inline void put(std::string& s, const std::string& x) { s += x; }
+inline void put(std::string& s, bool x) { s += x ? "true" : "false"; }
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+inline void put(std::string& s, T x) {
+  s += std::to_string(x);
+}
+inline void put(std::string& s, at::ScalarType t) { s += c10::toString(t); }
+inline void put(std::string& s, const c10::Device& d) { s += d.str(); }
+inline void put(std::string& s, c10::IntArrayRef r) {
+  s += "[";
+  for (size_t i = 0; i < r.size(); ++i) s += (i ? ", " : "") + std::to_string(r[i]);
+  s += "]";
+}
+template <typename... A>
+std::string cat(const A&... a) {
+  std::string s;
+  (put(s, a), ...);
+  return s;
+}
+}  // namespace kvfuse::msg
+
+#define KVFUSE_CHECK(cond, ...)                                                       \
+  do {                                                                                \
+    if (!(cond)) throw std::invalid_argument(::kvfuse::msg::cat(__VA_ARGS__));        \
+  } while (0)
+
+#define KVFUSE_CHECK_CUDA(x) KVFUSE_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
+#define KVFUSE_CHECK_CONTIGUOUS(x) KVFUSE_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define KVFUSE_CHECK_DTYPE(x, dt) KVFUSE_CHECK((x).scalar_type() == (dt), #x " must be " #dt ", got ", (x).scalar_type())
+#define KVFUSE_CHECK_SAME_DEVICE(x, y) KVFUSE_CHECK((x).device() == (y).device(), #x " and " #y " must be on one device")
 
 #define KVFUSE_CUDA_OK(expr)                                                          \
   do {                                                                                \
     cudaError_t kvfuse_err_ = (expr);                                                 \
-    TORCH_CHECK(kvfuse_err_ == cudaSuccess, "kvfuse CUDA: ", #expr, " failed: ",      \
-                cudaGetErrorString(kvfuse_err_));                                     \
+    if (kvfuse_err_ != cudaSuccess)                                                   \
+      throw std::runtime_error(::kvfuse::msg::cat("kvfuse CUDA: ", #expr, " failed: ", \
+                                                  cudaGetErrorString(kvfuse_err_)));  \
   } while (0)
 
 // Runs `__VA_ARGS__` with `scalar_t` bound to the kernel element type of `dtype`.
@@ -29,7 +67,7 @@
         using scalar_t = __nv_bfloat16;                                               \
         return __VA_ARGS__();                                                         \
       }                                                                               \
-      default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype);               \
+      default: KVFUSE_CHECK(false, name, ": unsupported dtype ", dtype);               \
     }                                                                                 \
   }()
 
@@ -41,7 +79,7 @@
         using scalar_t = __nv_bfloat16;                                               \
         return __VA_ARGS__();                                                         \
       }                                                                               \
-      default: TORCH_CHECK(false, name, ": unsupported dtype ", dtype, " (fp16/bf16 only)"); \
+      default: KVFUSE_CHECK(false, name, ": unsupported dtype ", dtype, " (fp16/bf16 only)"); \
     }                                                                                 \
   }()
 
@@ -49,10 +87,10 @@ namespace kvfuse {
 
 // A pool [(L,) P, page_size, H, D]: returns {L, P * page_size, H, D}.
 inline std::array<int64_t, 4> pool_dims(const at::Tensor& cache, const char* name) {
-  TORCH_CHECK(cache.dim() == 4 || cache.dim() == 5, name, " must be [(L,) P, page_size, H, D], got ",
+  KVFUSE_CHECK(cache.dim() == 4 || cache.dim() == 5, name, " must be [(L,) P, page_size, H, D], got ",
               cache.sizes());
   KVFUSE_CHECK_CUDA(cache);
-  TORCH_CHECK(cache.is_contiguous(), name, " must be contiguous");
+  KVFUSE_CHECK(cache.is_contiguous(), name, " must be contiguous");
   const int64_t L = cache.dim() == 5 ? cache.size(0) : 1;
   const int o = cache.dim() == 5 ? 1 : 0;
   return {L, cache.size(o) * cache.size(o + 1), cache.size(o + 2), cache.size(o + 3)};
@@ -60,17 +98,17 @@ inline std::array<int64_t, 4> pool_dims(const at::Tensor& cache, const char* nam
 
 inline void check_table(const at::Tensor& table_idx, const at::Tensor& cos, const at::Tensor& sin,
                         int64_t n, int64_t rotary_dim, int64_t head_dim, const at::Tensor& like) {
-  TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+  KVFUSE_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
               "rotary_dim must be even and in (0, head_dim], got ", rotary_dim);
   KVFUSE_CHECK_DTYPE(table_idx, at::kInt);
   KVFUSE_CHECK_DTYPE(cos, at::kFloat);
   KVFUSE_CHECK_DTYPE(sin, at::kFloat);
   for (const at::Tensor* t : {&table_idx, &cos, &sin}) {
-    TORCH_CHECK(t->device() == like.device(), "table_idx/cos/sin must be on the cache's device");
-    TORCH_CHECK(t->is_contiguous(), "table_idx/cos/sin must be contiguous");
+    KVFUSE_CHECK(t->device() == like.device(), "table_idx/cos/sin must be on the cache's device");
+    KVFUSE_CHECK(t->is_contiguous(), "table_idx/cos/sin must be contiguous");
   }
-  TORCH_CHECK(table_idx.dim() == 1 && table_idx.size(0) == n, "table_idx must be [", n, "]");
-  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == rotary_dim / 2 && sin.sizes() == cos.sizes(),
+  KVFUSE_CHECK(table_idx.dim() == 1 && table_idx.size(0) == n, "table_idx must be [", n, "]");
+  KVFUSE_CHECK(cos.dim() == 2 && cos.size(1) == rotary_dim / 2 && sin.sizes() == cos.sizes(),
               "cos/sin must be [U, rotary_dim / 2 = ", rotary_dim / 2, "]");
 }
 
