@@ -7,15 +7,24 @@
    checked against the reference on two sequences and against Triton on all, then cuda and Triton are
    timed with ``triton.testing.do_bench`` (median). TB/s = K+V bytes of the visible tokens / time.
 
+3. With ``--variants`` (default: every variant), steps 1-2 for the cuda kernel are repeated once per
+   head_dim-128 kernel variant (``KVFUSE_CUDA_DECODE_VARIANT``, read once per process, so each runs
+   in a subprocess of this script) and the table lists cuda[vN] per variant; ``--variants ""`` runs
+   the default variant only, in this process.
+
 Inputs and plans come from ``kvfuse.bench.decode`` (the benchmark's own builders).
 
-    python bench/gpu_decode_check.py [--context 32768] [--batch 32] [--skip-small]
+    python bench/gpu_decode_check.py [--context 32768] [--batch 32] [--skip-small] [--variants 0,1,2,3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
+import sys
 import types
 
 import torch
@@ -97,7 +106,7 @@ def small_checks() -> bool:
     return ok
 
 
-def bench_section(batch: int, context: int, masked: bool) -> tuple[bool, list]:
+def bench_section(batch: int, context: int, masked: bool, backends=("cuda", "triton")) -> tuple[bool, list]:
     ctx = ctx_for("bf16")
     graph = graph_for(context, masked)
     st = make_state(ctx, batch, context, 16, 32, 8, 128, graph)
@@ -112,11 +121,27 @@ def bench_section(batch: int, context: int, masked: bool) -> tuple[bool, list]:
     ok &= compare("cuda vs triton (all sequences)", got, run_backend(st, "triton"), ctx.dtype)
     nbytes = 2 * batch * st["n_visible"] * 8 * 128 * 2
     rows = []
-    for backend in ("cuda", "triton"):
+    for backend in backends:
         fn = kvfuse_attention(ctx, backend)(st)
         ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
         rows.append((what, backend, ms, nbytes / ms / 1e9))
     return ok, rows
+
+
+def run_variant(v: int, a) -> tuple[bool, list]:
+    """Checks and cuda timings of kernel variant v, in a subprocess (the variant is read once per process)."""
+    env = dict(os.environ, KVFUSE_CUDA_DECODE_VARIANT=str(v))
+    cmd = [sys.executable, os.path.abspath(__file__), "--context", str(a.context), "--batch", str(a.batch),
+           "--child"] + (["--skip-small"] if a.skip_small else [])
+    print(f"\n===== variant {v} =====", flush=True)
+    r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    rows = []
+    for line in r.stdout.splitlines():
+        if line.startswith("ROWS "):
+            rows = [(what, f"cuda[v{v}]", ms, tbs) for what, _, ms, tbs in json.loads(line[5:])]
+        else:
+            print(line)
+    return r.returncode == 0, rows
 
 
 def main():
@@ -124,18 +149,45 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument("--variants", default="0,1,2,3",
+                    help="comma-separated head_dim-128 kernel variants to check and time, each in a subprocess; "
+                         "empty: the default (or KVFUSE_CUDA_DECODE_VARIANT) in this process")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.manual_seed(0)
-    ok = True if a.skip_small else small_checks()
+    if a.child:  # one variant: checks, then cuda timings as a machine-readable line
+        ok = True if a.skip_small else small_checks()
+        rows = []
+        for masked in (False, True):
+            sec_ok, sec_rows = bench_section(a.batch, a.context, masked, backends=("cuda",))
+            ok &= sec_ok
+            rows += sec_rows
+        print("ROWS " + json.dumps(rows), flush=True)
+        raise SystemExit(0 if ok else 1)
+    variants = [int(v) for v in a.variants.split(",") if v.strip()]
+    ok = True
     rows = []
-    for masked in (False, True):
-        sec_ok, sec_rows = bench_section(a.batch, a.context, masked)
-        ok &= sec_ok
-        rows += sec_rows
+    if variants:
+        for v in variants:
+            v_ok, v_rows = run_variant(v, a)
+            print(f"variant {v}: {'ok' if v_ok else 'FAILED'}")
+            ok &= v_ok
+            rows += v_rows
+        print("\n===== triton =====")
+        for masked in (False, True):
+            sec_ok, sec_rows = bench_section(a.batch, a.context, masked, backends=("triton",))
+            ok &= sec_ok
+            rows += sec_rows
+    else:
+        ok = True if a.skip_small else small_checks()
+        for masked in (False, True):
+            sec_ok, sec_rows = bench_section(a.batch, a.context, masked)
+            ok &= sec_ok
+            rows += sec_rows
     print(f"\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print("| case | provider | time (us) | TB/s |")
     print("| --- | --- | --- | --- |")
-    for what, backend, ms, tbs in rows:
+    for what, backend, ms, tbs in sorted(rows, key=lambda r: r[0]):
         print(f"| {what} | {backend} | {ms * 1e3:.1f} | {tbs:.2f} |")
     print("all checks ok" if ok else "SOME CHECKS FAILED")
     raise SystemExit(0 if ok else 1)

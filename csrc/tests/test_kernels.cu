@@ -181,7 +181,7 @@ struct DecodeCase {
 };
 
 template <typename T>
-void test_decode(const DecodeCase& t, const char* name) {
+void test_decode_variant(const DecodeCase& t, const char* name, int variant) {
   const int B = static_cast<int>(t.lens.size());
   const int D = t.D, Hq = t.Hq, Hkv = t.Hkv, G = Hq / Hkv, qlen = t.qlen, ps = t.ps, bk = t.bk;
   int bq = t.bq;
@@ -269,7 +269,7 @@ void test_decode(const DecodeCase& t, const char* name) {
   std::vector<float> pl(static_cast<std::size_t>(a.num_splits) * total_q * Hq, NAN);
   Dev<float> dpo(po), dpl(pl);
   a.part_o = dpo.p; a.part_lse = dpl.p; a.out = dout.p; a.lse = dlse.p;
-  CK(kvfuse::decode_attention<T>(a, D, nullptr));
+  CK(kvfuse::decode_attention<T>(a, D, nullptr, variant));
   CK(cudaDeviceSynchronize());
   out_h = dout.get();
   lse_h = dlse.get();
@@ -322,6 +322,17 @@ void test_decode(const DecodeCase& t, const char* name) {
 
 }  // namespace
 
+// Every kernel variant for head_dim 128 (kvfuse::DecodeConfig), the only one of the others.
+template <typename T>
+void test_decode(const DecodeCase& t, const char* name) {
+  if (t.D != 128) return test_decode_variant<T>(t, name, -1);
+  for (int v = 0; v < kvfuse::kDecodeVariants; ++v) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "%s [variant %d]", name, v);
+    test_decode_variant<T>(t, buf, v);
+  }
+}
+
 int main() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
@@ -371,6 +382,8 @@ int main() {
   test_decode<__half>({64, 8, 2, 8, 16, 4, 64, 64, {301, 150}, false}, "decode f16 d64 gqa4 q8 block_q 4");
   test_decode<BF>({64, 4, 1, 1, 16, 0, 32, 64, {301, 150}, false}, "decode bf16 d64 block_k 32");
   test_decode<BF>({128, 8, 2, 2, 16, 0, 128, 64, {301, 150}, false}, "decode bf16 d128 block_k 128 (2 chunks)");
+  test_decode<__half>({128, 8, 2, 3, 5, 0, 64, 64, {1500, 301, 150}, false}, "decode f16 d128 gqa4 q3 ps5 split");
+  test_decode<BF>({128, 4, 4, 1, 4, 0, 64, 1, {3000, 33}, false}, "decode bf16 d128 mha ps4 long, no split");
   test_decode<__half>({128, 32, 8, 1, 16, 0, 64, 2048, {301, 150}, true}, "decode f16 d128 query sees nothing");
   test_decode<BF>({128, 8, 2, 1, 16, 0, 64, 1, {301, 150}, true}, "decode bf16 d128 sees nothing, no split");
   std::printf("%d failure(s)\n", failures);
