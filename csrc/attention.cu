@@ -1,4 +1,6 @@
 // segment_attention (decode): torch entry point (checks + dtype dispatch) of kvfuse/attention.cuh.
+#include <cstdlib>
+
 #include "kvfuse/attention.cuh"
 #include "torch_utils.h"
 
@@ -94,8 +96,15 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // kernel variant for head_dim 128 (tuning knob KVFUSE_CUDA_DECODE_VARIANT, read once per process:
+  // 0 .. kDecodeVariants - 1, see DecodeConfig in kvfuse/attention.cuh; unset / out of range: the default)
+  static const int variant = [] {
+    const char* e = std::getenv("KVFUSE_CUDA_DECODE_VARIANT");
+    const int v = e && *e ? std::atoi(e) : -1;
+    return v >= 0 && v < kvfuse::kDecodeVariants ? v : -1;
+  }();
   KVFUSE_DISPATCH_HALF(q.scalar_type(), "segment_attention", [&] {
-    KVFUSE_CUDA_OK(kvfuse::decode_attention<scalar_t>(a, static_cast<int>(d), stream));
+    KVFUSE_CUDA_OK(kvfuse::decode_attention<scalar_t>(a, static_cast<int>(d), stream, variant));
   });
   return {out, lse};
 }
