@@ -6,9 +6,9 @@
 
 namespace {
 void check_i32(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  KVFUSE_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  KVFUSE_CHECK(t.device() == like.device(), name, " must be on ", like.device());
+  KVFUSE_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 }  // namespace
 
@@ -18,19 +18,19 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
     at::Tensor kt_indptr, at::Tensor kt_index, at::Tensor kt_full, int64_t block_q, int64_t block_k,
     double sm_scale) {
   KVFUSE_CHECK_CUDA(q);
-  TORCH_CHECK(q.dim() == 3, "q must be [total_q, Hq, D]");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "k_cache/v_cache must be [P, page_size, Hkv, D]");
+  KVFUSE_CHECK(q.dim() == 3, "q must be [total_q, Hq, D]");
+  KVFUSE_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "k_cache/v_cache must be [P, page_size, Hkv, D]");
   for (const at::Tensor* c : {&k_cache, &v_cache}) {
-    TORCH_CHECK(c->scalar_type() == q.scalar_type(), "k_cache/v_cache must have q's dtype");
-    TORCH_CHECK(c->device() == q.device(), "k_cache/v_cache must be on q's device");
-    TORCH_CHECK(c->is_contiguous(), "k_cache/v_cache must be contiguous");
+    KVFUSE_CHECK(c->scalar_type() == q.scalar_type(), "k_cache/v_cache must have q's dtype");
+    KVFUSE_CHECK(c->device() == q.device(), "k_cache/v_cache must be on q's device");
+    KVFUSE_CHECK(c->is_contiguous(), "k_cache/v_cache must be contiguous");
   }
   const int64_t total_q = q.size(0), hq = q.size(1), d = q.size(2);
   const int64_t page_size = k_cache.size(1), hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == d, "head_dim of q and the caches differ");
-  TORCH_CHECK(d == 64 || d == 128 || d == 256, "head_dim must be 64, 128 or 256, got ", d);
-  TORCH_CHECK(hq % hkv == 0, "Hq must be a multiple of Hkv");
-  TORCH_CHECK(block_q >= 1 && block_k >= 1, "block_q/block_k must be positive");
+  KVFUSE_CHECK(k_cache.size(3) == d, "head_dim of q and the caches differ");
+  KVFUSE_CHECK(d == 64 || d == 128 || d == 256, "head_dim must be 64, 128 or 256, got ", d);
+  KVFUSE_CHECK(hq % hkv == 0, "Hq must be a multiple of Hkv");
+  KVFUSE_CHECK(block_q >= 1 && block_k >= 1, "block_q/block_k must be positive");
   check_i32(block_table, "block_table", q);
   check_i32(kv_lens, "kv_lens", q);
   check_i32(qo_indptr, "qo_indptr", q);
@@ -39,13 +39,13 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   check_i32(work_qtile, "work_qtile", q);
   check_i32(kt_indptr, "kt_indptr", q);
   check_i32(kt_index, "kt_index", q);
-  TORCH_CHECK(kt_full.numel() == kt_index.numel() && kt_full.element_size() == 1, "kt_full must be int8 [T]");
-  TORCH_CHECK(ancestors.dim() == 3 && ancestors.element_size() == 1 && ancestors.size(1) == ancestors.size(2),
+  KVFUSE_CHECK(kt_full.numel() == kt_index.numel() && kt_full.element_size() == 1, "kt_full must be int8 [T]");
+  KVFUSE_CHECK(ancestors.dim() == 3 && ancestors.element_size() == 1 && ancestors.size(1) == ancestors.size(2),
               "ancestors must be uint8/bool [B, S, S]");
   const int64_t B = block_table.size(0);
-  TORCH_CHECK(kv_lens.numel() == B && qo_indptr.numel() == B + 1 && token_seg.size(0) == B &&
+  KVFUSE_CHECK(kv_lens.numel() == B && qo_indptr.numel() == B + 1 && token_seg.size(0) == B &&
                   ancestors.size(0) == B, "batch sizes of the plan tensors differ");
-  TORCH_CHECK(kt_indptr.numel() == work_seq.numel() + 1 && work_qtile.numel() == work_seq.numel(),
+  KVFUSE_CHECK(kt_indptr.numel() == work_seq.numel() + 1 && work_qtile.numel() == work_seq.numel(),
               "work_seq/work_qtile/kt_indptr sizes differ");
 
   const at::Tensor qc = q.contiguous();
@@ -85,7 +85,14 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   a.total_q = static_cast<int>(total_q);
   int sms = 1;
   KVFUSE_CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
-  a.num_splits = kvfuse::decode_plan_splits(kt_index.numel(), a.num_work, a.num_kv_heads, a.num_row_blocks, 8 * sms);
+  // blocks per multiprocessor the split-K plan aims at (tuning knob KVFUSE_CUDA_DECODE_BLOCKS_PER_SM)
+  static const int per_sm = [] {
+    const char* e = std::getenv("KVFUSE_CUDA_DECODE_BLOCKS_PER_SM");
+    const int v = e ? std::atoi(e) : 0;
+    return v > 0 && v <= 256 ? v : 8;
+  }();
+  a.num_splits =
+      kvfuse::decode_plan_splits(kt_index.numel(), a.num_work, a.num_kv_heads, a.num_row_blocks, per_sm * sms);
   at::Tensor part_o, part_lse;
   if (a.num_splits > 1) {
     part_o = at::empty({a.num_splits, total_q, hq, d}, q.options().dtype(at::kFloat));
