@@ -198,13 +198,17 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             val = getattr(s, field)
             if not isinstance(val, int) or isinstance(val, bool):
                 raise TypeError(f"segments[{i}].{field} must be an int, got {val!r}")
-        if s.pages.device != k_cache.device:
-            raise ValueError(f"segments[{i}].pages must be on {k_cache.device}, got {s.pages.device}")
-    # all bookkeeping runs on host copies of the page lists, fetched with one transfer: a composition
-    # that moves no data then costs a few host operations and no device round trips
+        if s.pages.device != k_cache.device and s.pages.device.type != "cpu":
+            raise ValueError(f"segments[{i}].pages must be on {k_cache.device} or the CPU, got {s.pages.device}")
+    # all bookkeeping runs on host copies of the page lists; the ones on the device come back in one
+    # transfer (the only device round trip; none if the caller passes host page lists)
     device = k_cache.device
-    sizes = [s.pages.numel() for s in segments]
-    host = torch.cat([s.pages.to(torch.int64) for s in segments]).cpu().split(sizes)
+    on_dev = [i for i, s in enumerate(segments) if s.pages.device.type != "cpu"]
+    host = [s.pages.to(torch.int64) for s in segments]
+    if on_dev:
+        fetched = torch.cat([segments[i].pages.to(torch.int64) for i in on_dev]).cpu()
+        for i, h in zip(on_dev, fetched.split([segments[i].pages.numel() for i in on_dev])):
+            host[i] = h
     segments = [dataclasses.replace(s, pages=h) for s, h in zip(segments, host)]
     for i, s in enumerate(segments):
         check_pages(f"segments[{i}].pages", s.pages, k_cache)
@@ -236,10 +240,11 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         rot_backend = choose("rerotate_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim,
                              interleaved=rope.interleaved)
 
-    pool = dst_pages if isinstance(dst_pages, PagePool) else None
+    # destination pages are read (and validated) only when the composition copies
+    pool = dst_pages if isinstance(dst_pages, PagePool) and lay.n_new else None
     if pool is not None:
         dst = pool.alloc(lay.n_new).cpu()
-    elif dst_pages is None:
+    elif dst_pages is None or isinstance(dst_pages, PagePool) or not lay.n_new:
         dst = torch.empty(0, dtype=torch.int32)
     else:
         check_pages("dst_pages", dst_pages, k_cache)
@@ -255,23 +260,27 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     # everything is validated: now write. Copies read sources before any in-place rotation.
     length = sum(s.length for s in segments)
     if lay.copies:
-        src, dsts, deltas = [], [], []
+        src, dsts, moves = [], [], []
         for i, off in lay.copies:
             s = segments[i]
             src.append(slots_of(s.pages, s.start, s.length, page_size))
             dsts.append(slots_of(table, off, s.length, page_size))
-            deltas.append(torch.full((s.length,), new_pos[i] - s.position, dtype=torch.int64))
-        cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=device)
-        _ops.compose_copy_op(k_cache, v_cache, torch.cat(src).to(device), torch.cat(dsts).to(device), idx, cos, sin,
+            moves.append((s.length, new_pos[i] - s.position))
+        idx, cos, sin = _rotation_meta(rope, moves)
+        meta = _to_device(torch.stack([torch.cat(src), torch.cat(dsts), idx]), device)
+        cos, sin = _to_device(torch.stack([cos, sin]), device)
+        _ops.compose_copy_op(k_cache, v_cache, meta[0], meta[1], meta[2].to(torch.int32), cos, sin,
                              rope.rotary_dim, rope.interleaved, copy_backend)
     if lay.rotations:
-        slots, deltas = [], []
+        slots, moves = [], []
         for i in lay.rotations:
             s = segments[i]
             slots.append(slots_of(s.pages, s.start, s.length, page_size))
-            deltas.append(torch.full((s.length,), new_pos[i] - s.position, dtype=torch.int64))
-        cos, sin, idx = rope.rotation_tables(torch.cat(deltas), device=device)
-        _ops.rerotate_op(k_cache, torch.cat(slots).to(device), idx, cos, sin, rope.rotary_dim, rope.interleaved,
+            moves.append((s.length, new_pos[i] - s.position))
+        idx, cos, sin = _rotation_meta(rope, moves)
+        meta = _to_device(torch.stack([torch.cat(slots), idx]), device)
+        cos, sin = _to_device(torch.stack([cos, sin]), device)
+        _ops.rerotate_op(k_cache, meta[0], meta[1].to(torch.int32), cos, sin, rope.rotary_dim, rope.interleaved,
                          rot_backend)
 
     ranges, off = [], 0
@@ -280,4 +289,23 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         off += s.length
     reused = [p for k, p in lay.table if k == "reuse"]
     reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
-    return Composed(table.to(device), length, ranges, new_pos, dst.to(device), reused_t.to(device))
+    out = _to_device(torch.cat([table, dst.to(torch.int32), reused_t]), device)
+    table_d, dst_d, reused_d = out.split([table.numel(), dst.numel(), reused_t.numel()])
+    return Composed(table_d, length, ranges, new_pos, dst_d, reused_d)
+
+
+def _rotation_meta(rope: RopeConfig, moves: list[tuple[int, int]]):
+    """Per-token table rows and the cos/sin tables of the distinct deltas of ``moves`` = [(tokens,
+    delta)] (one delta per segment: the tables have one row per distinct segment delta)."""
+    deltas = sorted({d for _, d in moves})
+    row = {d: r for r, d in enumerate(deltas)}
+    ang = torch.tensor(deltas, dtype=torch.float64)[:, None] * rope.inv_freq()[None, :]
+    idx = torch.cat([torch.full((n,), row[d], dtype=torch.int64) for n, d in moves])
+    return idx, torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting for the device's queue (pinned, non-blocking) on CUDA."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
