@@ -89,8 +89,12 @@ constexpr float kLn2 = 0.69314718055994530942f;
 //      so Q is re-read from shared memory per k-step (with Q in registers ptxas spilled).
 //   3: variant 0's code at variant 2's occupancy (2 stages, 3 blocks per SM, Q from shared memory):
 //      separates the occupancy effect from the latency trims.
+// H200, BENCH_TARGETS §4 (32 x 32768, bf16, page 16; bench/gpu_decode_check.py), TB/s no mask / mask:
+// v0 3.29 / 3.23, v1 4.17 / 4.09, v2 4.03 / 3.97, v3 3.68 / 3.60: the latency trims are worth more
+// than the third block per SM, and the third block's 2-stage pipeline costs more than it buys on
+// top of them. Default: variant 1.
 constexpr int kDecodeVariants = 4;
-constexpr int kDecodeDefaultVariant = 2;
+constexpr int kDecodeDefaultVariant = 1;
 
 template <int D, int V = 0>
 struct DecodeConfig {
