@@ -68,9 +68,11 @@ void rotate_row(const float* x, float* y, const float* c, const float* s, int D,
 
 // Rerotate (in place) or compose (src -> dst) of a shuffled third of the slots; every byte outside the
 // rotated keys must be bit-identical (compose: the copied key dims and the values exact too).
+// variant: launch variant of the slot engine (kvfuse::kSlotVariants, rotary.cuh).
+// Returns the key and value caches after the call.
 template <typename T>
-void test_slot_kernels(bool compose, bool inter, int L, int P, int ps, int H, int D, int rd, const char* name,
-                       bool slots64 = true) {
+std::vector<T> test_slot_variant(bool compose, bool inter, int L, int P, int ps, int H, int D, int rd, const char* name,
+                       bool slots64, int variant) {
   const long long slots = static_cast<long long>(P) * ps;
   const std::size_t size = static_cast<std::size_t>(L) * slots * H * D;
   std::vector<T> k(size), v(size);
@@ -102,10 +104,10 @@ void test_slot_kernels(bool compose, bool inter, int L, int P, int ps, int H, in
   Dev<float> dc(cs), ds(sn);
   if (compose) {
     kvfuse::ComposeArgs a{dk.p, dv.p, sp, dp, slots64, dti.p, dc.p, ds.p, n, L, slots, H, D, rd, inter};
-    CK(kvfuse::compose_copy<T>(a, nullptr));
+    CK(kvfuse::compose_copy<T>(a, nullptr, variant));
   } else {
     kvfuse::RerotateArgs a{dk.p, sp, slots64, dti.p, dc.p, ds.p, n, L, slots, H, D, rd, inter};
-    CK(kvfuse::rerotate<T>(a, nullptr));
+    CK(kvfuse::rerotate<T>(a, nullptr, variant));
   }
   CK(cudaDeviceSynchronize());
   std::vector<T> gk = dk.get(), gv = dv.get();
@@ -136,6 +138,30 @@ void test_slot_kernels(bool compose, bool inter, int L, int P, int ps, int H, in
     if (std::memcmp(&gv[i], &wv[i], sizeof(T)) != 0) exact_rest = false;
   }
   expect(err <= tol * 4 && exact_rest, name, err);
+  gk.insert(gk.end(), gv.begin(), gv.end());
+  return gk;
+}
+
+// Every launch variant of the slot engine, on the same inputs (the generator is reset per variant);
+// variants other than 0 must write exactly variant 0's bits (K and V).
+template <typename T>
+void test_slot_kernels(bool compose, bool inter, int L, int P, int ps, int H, int D, int rd, const char* name,
+                       bool slots64 = true) {
+  const auto state = rng;
+  std::vector<T> base;
+  for (int v = 0; v < kvfuse::kSlotVariants; ++v) {
+    rng = state;
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "%s [variant %d]", name, v);
+    const std::vector<T> got = test_slot_variant<T>(compose, inter, L, P, ps, H, D, rd, buf, slots64, v);
+    if (v == 0) {
+      base = got;
+    } else {
+      std::snprintf(buf, sizeof buf, "%s [variant %d == variant 0]", name, v);
+      const bool same = got.size() == base.size() && std::memcmp(got.data(), base.data(), got.size() * sizeof(T)) == 0;
+      expect(same, buf, 0.0);
+    }
+  }
 }
 
 void test_merge_states() {

@@ -25,8 +25,9 @@ struct ComposeArgs {
   bool interleaved;
 };
 
+// variant: launch variant of the slot engine (see rotary.cuh); -1: KVFUSE_CUDA_ROTARY_VARIANT.
 template <typename T>
-cudaError_t compose_copy(const ComposeArgs& a, cudaStream_t stream) {
+cudaError_t compose_copy(const ComposeArgs& a, cudaStream_t stream, int variant) {
   SlotRotateParams p{};
   p.k = a.k_cache;
   p.v = a.v_cache;
@@ -42,7 +43,12 @@ cudaError_t compose_copy(const ComposeArgs& a, cudaStream_t stream) {
   p.num_heads = a.num_heads;
   p.head_dim = a.head_dim;
   p.rotary_dim = a.rotary_dim;
-  return launch_slot_rotate<T, true>(p, a.interleaved, stream);
+  return launch_slot_rotate<T, true>(p, a.interleaved, stream, variant);
+}
+
+template <typename T>
+cudaError_t compose_copy(const ComposeArgs& a, cudaStream_t stream) {
+  return compose_copy<T>(a, stream, -1);
 }
 
 }  // namespace kvfuse

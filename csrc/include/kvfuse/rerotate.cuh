@@ -21,8 +21,9 @@ struct RerotateArgs {
   bool interleaved;
 };
 
+// variant: launch variant of the slot engine (see rotary.cuh); -1: KVFUSE_CUDA_ROTARY_VARIANT.
 template <typename T>
-cudaError_t rerotate(const RerotateArgs& a, cudaStream_t stream) {
+cudaError_t rerotate(const RerotateArgs& a, cudaStream_t stream, int variant) {
   SlotRotateParams p{};
   p.k = a.k_cache;
   p.v = nullptr;
@@ -37,7 +38,12 @@ cudaError_t rerotate(const RerotateArgs& a, cudaStream_t stream) {
   p.num_heads = a.num_heads;
   p.head_dim = a.head_dim;
   p.rotary_dim = a.rotary_dim;
-  return launch_slot_rotate<T, false>(p, a.interleaved, stream);
+  return launch_slot_rotate<T, false>(p, a.interleaved, stream, variant);
+}
+
+template <typename T>
+cudaError_t rerotate(const RerotateArgs& a, cudaStream_t stream) {
+  return rerotate<T>(a, stream, -1);
 }
 
 }  // namespace kvfuse

@@ -26,7 +26,19 @@
 //
 // Rows too wide for K <= 4 items per thread with cols <= 256 are split into `npass` passes over the
 // rows, each with a different item subset (same code; only very wide rows need it).
+//
+// Launch variants (KVFUSE_CUDA_ROTARY_VARIANT, read once per process, or the launcher's `variant`
+// argument): only the distribution of work changes, every variant writes the same bits. The variant
+// is a sum of flags (0 .. 7; unset or anything else: 0, the behaviour described above):
+//   1  non-persistent grid: one block per tile (grid = number of tiles, up to 2^20 blocks; the
+//      grid-stride loop then runs once), as a plain elementwise kernel is scheduled;
+//   2  blocks of about 256 threads instead of 128;
+//   4  K 4 plans (e.g. §1 / §2) run slot_rotate_wide_kernel: two rows per iteration (8 items,
+//      16 x 16 B loads in flight per thread for NeoX), under a higher register cap. K 2 / K 1 plans
+//      are unchanged.
 #pragma once
+
+#include <cstdlib>
 
 #include "kvfuse/common.cuh"
 
@@ -106,11 +118,18 @@ constexpr int slot_max_regs(bool compose, int K) { return (compose ? 112 : 96) +
 #define KVFUSE_SLOT_REGS(n) __launch_bounds__(kRotaryThreads, 1)
 #endif
 
-template <typename T, int VEC, bool INTERLEAVED, bool COMPOSE, int K>
-__global__ void KVFUSE_SLOT_REGS(slot_max_regs(COMPOSE, K))
-slot_rotate_kernel(SlotRotateParams p) {
+// Cap of slot_rotate_wide_kernel (K 4, two rows per iteration: twice the data and cos/sin registers).
+// NeoX bf16 VEC 8 needs 168 (at 128 / 144 ptxas spilled ~100 bytes), so 3 blocks of 128 threads
+// (12 warps, each thread 16 x 16 B loads in flight) per SM.
+constexpr int slot_wide_max_regs(bool) { return 168; }
+
+namespace detail {
+
+// The kernel body; ROWS rows per thread and iteration (slot_rows(K), or twice that for the wide
+// kernel).
+template <typename T, int VEC, bool INTERLEAVED, bool COMPOSE, int K, int ROWS>
+__device__ __forceinline__ void slot_rotate_body(const SlotRotateParams& p) {
   static_assert(K == 1 || K == 2 || K == 4, "K is 1, 2 or 4");
-  constexpr int ROWS = slot_rows(K);
   constexpr int CV = INTERLEAVED ? VEC / 2 : VEC;  // cos/sin values per rotation item
   static_assert(CV >= 1, "interleaved items need VEC >= 2");
   const int half = p.rotary_dim / 2;
@@ -241,6 +260,37 @@ slot_rotate_kernel(SlotRotateParams p) {
   }
 }
 
+}  // namespace detail
+
+template <typename T, int VEC, bool INTERLEAVED, bool COMPOSE, int K>
+__global__ void KVFUSE_SLOT_REGS(slot_max_regs(COMPOSE, K))
+slot_rotate_kernel(SlotRotateParams p) {
+  detail::slot_rotate_body<T, VEC, INTERLEAVED, COMPOSE, K, slot_rows(K)>(p);
+}
+
+// Variant flag 4: K 4 plans with two rows per thread and iteration.
+template <typename T, int VEC, bool INTERLEAVED, bool COMPOSE>
+__global__ void KVFUSE_SLOT_REGS(slot_wide_max_regs(COMPOSE))
+slot_rotate_wide_kernel(SlotRotateParams p) {
+  detail::slot_rotate_body<T, VEC, INTERLEAVED, COMPOSE, 4, 2 * slot_rows(4)>(p);
+}
+
+// Launch variants (see the top of this file): flags, 0 .. kSlotVariants - 1.
+constexpr int kSlotVariants = 8;
+enum : int { kSlotFlat = 1, kSlotBlock256 = 2, kSlotWide = 4 };
+
+// KVFUSE_CUDA_ROTARY_VARIANT, read once per process: a whole number in [0, kSlotVariants), else 0.
+inline int slot_variant_from_env() {
+  static const int variant = [] {
+    const char* s = std::getenv("KVFUSE_CUDA_ROTARY_VARIANT");
+    if (s == nullptr || *s == '\0') return 0;
+    char* end = nullptr;
+    const long v = std::strtol(s, &end, 10);
+    return (*end == '\0' && v >= 0 && v < kSlotVariants) ? static_cast<int>(v) : 0;
+  }();
+  return variant;
+}
+
 // How rows are cut among threads: K items per thread per row, `cols` threads per row, `npass`
 // passes. Host side.
 struct SlotPlan {
@@ -271,10 +321,13 @@ inline SlotPlan slot_plan(int items, int cph) {
   return SlotPlan{1, kRotaryThreads, (items + kRotaryThreads - 1) / kRotaryThreads};
 }
 
-// Host launcher shared by rerotate and compose. T: float, __half or __nv_bfloat16. Returns the
-// launch error, if any.
+// Host launcher shared by rerotate and compose. T: float, __half or __nv_bfloat16. variant: launch
+// variant flags (0 .. kSlotVariants - 1; -1: KVFUSE_CUDA_ROTARY_VARIANT). Returns the launch error,
+// if any.
 template <typename T, bool COMPOSE>
-cudaError_t launch_slot_rotate(SlotRotateParams p, bool interleaved, cudaStream_t stream) {
+cudaError_t launch_slot_rotate(SlotRotateParams p, bool interleaved, cudaStream_t stream, int variant = -1) {
+  if (variant < 0) variant = slot_variant_from_env();
+  if (variant >= kSlotVariants) return cudaErrorInvalidValue;
   if (p.n == 0 || p.num_layers == 0 || p.num_heads == 0) return cudaSuccess;
   // Row counters are 32-bit: 2^31 listed slots would be 16 GiB of int64 slot ids alone.
   if (p.n > (1LL << 31) - (1LL << 20)) return cudaErrorInvalidValue;
@@ -295,26 +348,36 @@ cudaError_t launch_slot_rotate(SlotRotateParams p, bool interleaved, cudaStream_
   p.cols = plan.cols;
   p.npass = plan.npass;
   // Blocks of about 128 threads (whole rows): at 90-128 registers a thread, 4-warp blocks pack an SM
-  // more tightly (e.g. 20 warps at 94 registers) than 8-warp ones (16).
-  const int threads = std::max(plan.cols, kRotaryBlock / plan.cols * plan.cols);
+  // more tightly (e.g. 20 warps at 94 registers) than 8-warp ones (16). Variant flag 2: about 256.
+  const int block = (variant & kSlotBlock256) ? kRotaryThreads : kRotaryBlock;
+  const int threads = std::max(plan.cols, block / plan.cols * plan.cols);
   const int rows_per_block = threads / plan.cols;
+  const bool wide = (variant & kSlotWide) && plan.K == 4;
 
-  auto go = [&](auto kernel) {
-    const long long tile_rows = static_cast<long long>(rows_per_block) * slot_rows(plan.K);
+  auto go = [&](auto kernel, int rows) {
+    const long long tile_rows = static_cast<long long>(rows_per_block) * rows;
     const long long tiles = (p.n + tile_rows - 1) / tile_rows;
     const int gy = std::min(p.num_layers, 65535);
-    const long long resident = resident_blocks(kernel, threads, 0);
-    const long long gx = std::max(1LL, std::min(tiles, (resident + gy - 1) / gy));
+    long long gx;
+    if (variant & kSlotFlat) {
+      // One block per tile; at most 2^20 blocks, so that tile + gridDim.x stays below 2^31 (n is).
+      gx = std::max(1LL, std::min(tiles, 1LL << 20));
+    } else {
+      const long long resident = resident_blocks(kernel, threads, 0);
+      gx = std::max(1LL, std::min(tiles, (resident + gy - 1) / gy));
+    }
     kernel<<<dim3(static_cast<unsigned>(std::min(gx, 2147483647LL)), gy), threads, 0, stream>>>(p);
     return cudaGetLastError();
   };
-  auto pick_k = [&](auto k4, auto k2, auto k1) {
-    return plan.K == 4 ? go(k4) : plan.K == 2 ? go(k2) : go(k1);
+  auto pick_k = [&](auto k4w, auto k4, auto k2, auto k1) {
+    return plan.K == 4 ? (wide ? go(k4w, 2 * slot_rows(4)) : go(k4, slot_rows(4)))
+           : plan.K == 2 ? go(k2, slot_rows(2))
+                         : go(k1, slot_rows(1));
   };
   constexpr int kMax = 16 / sizeof(T);
 #define KVFUSE_ROT_KERNELS(V, I)                                                                \
-  pick_k(slot_rotate_kernel<T, V, I, COMPOSE, 4>, slot_rotate_kernel<T, V, I, COMPOSE, 2>,      \
-         slot_rotate_kernel<T, V, I, COMPOSE, 1>)
+  pick_k(slot_rotate_wide_kernel<T, V, I, COMPOSE>, slot_rotate_kernel<T, V, I, COMPOSE, 4>,    \
+         slot_rotate_kernel<T, V, I, COMPOSE, 2>, slot_rotate_kernel<T, V, I, COMPOSE, 1>)
 #define KVFUSE_ROT_CASE(V)                                                  \
   if (vec == V) {                                                           \
     if constexpr (V <= kMax) {                                              \
