@@ -29,7 +29,8 @@
 //
 // Launch variants (KVFUSE_CUDA_ROTARY_VARIANT, read once per process, or the launcher's `variant`
 // argument): only the distribution of work changes, every variant writes the same bits. The variant
-// is a sum of flags (0 .. 7; unset or anything else: 0, the behaviour described above):
+// is a sum of flags (0 .. 7; 0 is the behaviour described above; unset or anything else: the
+// measured per-op default, kRerotateDefaultVariant = 1 and kComposeDefaultVariant = 5):
 //   1  non-persistent grid: one block per tile (grid = number of tiles, up to 2^20 blocks; the
 //      grid-stride loop then runs once), as a plain elementwise kernel is scheduled;
 //   2  blocks of about 256 threads instead of 128;
@@ -280,13 +281,19 @@ constexpr int kSlotVariants = 8;
 enum : int { kSlotFlat = 1, kSlotBlock256 = 2, kSlotWide = 4 };
 
 // KVFUSE_CUDA_ROTARY_VARIANT, read once per process: a whole number in [0, kSlotVariants), else 0.
+// Defaults, from the H200 sweep (bench/gpu_rotary_sweep.py, §1 rerotate / §2 compose, TB/s):
+// variant 0: 3.79 / 3.83, 1: 3.95 / 3.81, 4: 3.78 / 3.81, 5: 3.82 / 3.97.
+constexpr int kRerotateDefaultVariant = 1;  // one block per tile
+constexpr int kComposeDefaultVariant = 5;   // one block per tile, two rows per thread
+
+// KVFUSE_CUDA_ROTARY_VARIANT, read once; -1 when unset or invalid (the per-op default then).
 inline int slot_variant_from_env() {
   static const int variant = [] {
     const char* s = std::getenv("KVFUSE_CUDA_ROTARY_VARIANT");
-    if (s == nullptr || *s == '\0') return 0;
+    if (s == nullptr || *s == '\0') return -1;
     char* end = nullptr;
     const long v = std::strtol(s, &end, 10);
-    return (*end == '\0' && v >= 0 && v < kSlotVariants) ? static_cast<int>(v) : 0;
+    return (*end == '\0' && v >= 0 && v < kSlotVariants) ? static_cast<int>(v) : -1;
   }();
   return variant;
 }
@@ -327,6 +334,7 @@ inline SlotPlan slot_plan(int items, int cph) {
 template <typename T, bool COMPOSE>
 cudaError_t launch_slot_rotate(SlotRotateParams p, bool interleaved, cudaStream_t stream, int variant = -1) {
   if (variant < 0) variant = slot_variant_from_env();
+  if (variant < 0) variant = COMPOSE ? kComposeDefaultVariant : kRerotateDefaultVariant;
   if (variant >= kSlotVariants) return cudaErrorInvalidValue;
   if (p.n == 0 || p.num_layers == 0 || p.num_heads == 0) return cudaSuccess;
   // Row counters are 32-bit: 2^31 listed slots would be 16 GiB of int64 slot ids alone.
