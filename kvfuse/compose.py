@@ -11,7 +11,7 @@ import torch
 from kvfuse import _ops
 from kvfuse._checks import check_cache, check_same_pool, check_tensor, check_unique
 from kvfuse.dispatch import choose
-from kvfuse.paged import PagePool, check_pages, slots_of
+from kvfuse.paged import PagePool, check_pages, slots_of, to_device_async
 from kvfuse.rerotate import check_rope
 from kvfuse.rope import MAX_POSITION, RopeConfig
 
@@ -267,8 +267,8 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             dsts.append(slots_of(table, off, s.length, page_size))
             moves.append((s.length, new_pos[i] - s.position))
         idx, cos, sin = _rotation_meta(rope, moves)
-        meta = _to_device(torch.stack([torch.cat(src), torch.cat(dsts), idx]), device)
-        cos, sin = _to_device(torch.stack([cos, sin]), device)
+        meta = to_device_async(torch.stack([torch.cat(src), torch.cat(dsts), idx]), device)
+        cos, sin = to_device_async(torch.stack([cos, sin]), device)
         _ops.compose_copy_op(k_cache, v_cache, meta[0], meta[1], meta[2].to(torch.int32), cos, sin,
                              rope.rotary_dim, rope.interleaved, copy_backend)
     if lay.rotations:
@@ -278,8 +278,8 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             slots.append(slots_of(s.pages, s.start, s.length, page_size))
             moves.append((s.length, new_pos[i] - s.position))
         idx, cos, sin = _rotation_meta(rope, moves)
-        meta = _to_device(torch.stack([torch.cat(slots), idx]), device)
-        cos, sin = _to_device(torch.stack([cos, sin]), device)
+        meta = to_device_async(torch.stack([torch.cat(slots), idx]), device)
+        cos, sin = to_device_async(torch.stack([cos, sin]), device)
         _ops.rerotate_op(k_cache, meta[0], meta[1].to(torch.int32), cos, sin, rope.rotary_dim, rope.interleaved,
                          rot_backend)
 
@@ -289,7 +289,7 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         off += s.length
     reused = [p for k, p in lay.table if k == "reuse"]
     reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
-    out = _to_device(torch.cat([table, dst.to(torch.int32), reused_t]), device)
+    out = to_device_async(torch.cat([table, dst.to(torch.int32), reused_t]), device)
     table_d, dst_d, reused_d = out.split([table.numel(), dst.numel(), reused_t.numel()])
     return Composed(table_d, length, ranges, new_pos, dst_d, reused_d)
 
@@ -299,13 +299,7 @@ def _rotation_meta(rope: RopeConfig, moves: list[tuple[int, int]]):
     delta)] (one delta per segment: the tables have one row per distinct segment delta)."""
     deltas = sorted({d for _, d in moves})
     row = {d: r for r, d in enumerate(deltas)}
-    ang = torch.tensor(deltas, dtype=torch.float64)[:, None] * rope.inv_freq()[None, :]
+    cos, sin, _ = rope.rotation_tables(torch.tensor(deltas, dtype=torch.int64))  # rows in sorted order
     idx = torch.cat([torch.full((n,), row[d], dtype=torch.int64) for n, d in moves])
-    return idx, torch.cos(ang).float(), torch.sin(ang).float()
+    return idx, cos, sin
 
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without waiting for the device's queue (pinned, non-blocking) on CUDA."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)

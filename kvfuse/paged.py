@@ -29,6 +29,14 @@ def slot_view(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(L, P * S, H, D)
 
 
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without waiting for the device's queue (pinned, non-blocking)
+    on CUDA; a plain copy elsewhere."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def slots_of(pages: torch.Tensor, start: int, length: int, page_size: int) -> torch.Tensor:
     """int64 slots of tokens ``[start, start + length)`` of the sequence stored in ``pages``."""
     if start < 0 or length < 0:

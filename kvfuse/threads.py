@@ -55,7 +55,7 @@ import torch
 
 from kvfuse.attention import EMPTY, FULL, AttentionPlan, TileMap, _classify
 from kvfuse.compose import SourceSegment, compose, pages_needed
-from kvfuse.paged import gather_kv, slot_view
+from kvfuse.paged import gather_kv, slot_view, to_device_async
 from kvfuse.rope import RopeConfig
 from kvfuse.segments import Segment, SegmentGraph
 
@@ -285,7 +285,7 @@ class Sequence:
 
     def slots(self, start: int, n: int) -> torch.Tensor:
         """int64 ``[n]`` pool slots of storage tokens ``start .. start + n - 1``, on the store's device."""
-        return _to_device(self._host_slots(start, n), self.store.device)
+        return to_device_async(self._host_slots(start, n), self.store.device)
 
     def _host_slots(self, start: int, n: int) -> torch.Tensor:
         """`slots` on the host (only the pages the range touches are converted)."""
@@ -612,13 +612,6 @@ def _hogwild_views(rows, q_lens):
 _ZERO = array.array("i", [0])
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a host tensor to ``device`` without waiting for the device (pinned, non-blocking)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
 class _BatchAttentionPlan(AttentionPlan):
     """The `AttentionPlan` of ``plan(AttentionSpec(graphs, q_lens, device))`` for the given segment
     lists, built for a decode step (the host cost of every step of a batched decode):
@@ -679,7 +672,7 @@ class _BatchAttentionPlan(AttentionPlan):
         # one int32 host buffer, one copy: qo_indptr | kv_lens | row shape | block table | ancestors | token_seg
         host = torch.cat([qo, torch.tensor(kv + row_class, dtype=torch.int32), bt, anc.flatten(),
                           seg.flatten()])
-        buf = _to_device(host, dev)
+        buf = to_device_async(host, dev)
         sizes = (B + 1, B, B, B * width, anc.numel(), seg.numel())
         qo, kv_d, rc, bt, anc, seg = torch.split(buf, sizes)
         self.qo_indptr, self.kv_lens, self.block_table = qo, kv_d, bt.view(B, width)
@@ -722,7 +715,7 @@ class _BatchAttentionPlan(AttentionPlan):
         ws, wq, counts, idx, full = (torch.cat(x) for x in (ws, wq, counts, idx, full))
         indptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
         indptr[1:] = counts.cumsum(0)
-        buf = _to_device(torch.cat([ws, wq, indptr, idx, full]), self.device)
+        buf = to_device_async(torch.cat([ws, wq, indptr, idx, full]), self.device)
         n_w, n_k = ws.numel(), idx.numel()
         o = [0, n_w, 2 * n_w, 3 * n_w + 1, 3 * n_w + 1 + n_k, 3 * n_w + 1 + 2 * n_k]
         ws, wq, indptr, idx, full = (buf[o[i]: o[i + 1]] for i in range(5))

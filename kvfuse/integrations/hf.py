@@ -48,7 +48,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvfuse.attention import attention
 from kvfuse.compat import _is_bottom_right_causal, sdpa
-from kvfuse.threads import BatchPlan, PagedKVStore, Sequence, _to_device, batch_plan
+from kvfuse.paged import to_device_async
+from kvfuse.threads import BatchPlan, PagedKVStore, Sequence, batch_plan
 
 __all__ = ["NAME", "KVFuseCache", "register", "attention_forward", "prefill", "decode"]
 
@@ -129,7 +130,7 @@ class KVFuseCache(Cache):
             raise RuntimeError(f"KVFuseCache: out of pages: this forward needs {need}, {self.store.num_free} free")
         starts = [r.next_position for r in self.rows]
         positions = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(q)
-        self._slots = _to_device(torch.cat([r._host_slots(r._grow(q), q) for r in self.rows]), self.store.device)
+        self._slots = to_device_async(torch.cat([r._host_slots(r._grow(q), q) for r in self.rows]), self.store.device)
         self._step = _Step(q, positions, batch_plan(self.rows, q, hogwild=self.hogwild), set())
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -177,7 +178,7 @@ class KVFuseCache(Cache):
     def position_ids(self, n: int) -> torch.Tensor:
         """int64 ``[B, n]``: the positions of each row's next ``n`` tokens."""
         host = torch.tensor([r.next_position for r in self.rows], dtype=torch.int64)[:, None] + torch.arange(n)
-        out = _to_device(host, self.store.device)
+        out = to_device_async(host, self.store.device)
         # a forward given exactly this tensor, unmodified, needs no device-side comparison
         self._issued = (out, out._version, host)
         return out
