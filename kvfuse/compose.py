@@ -12,8 +12,8 @@ from kvfuse import _ops
 from kvfuse._checks import check_cache, check_same_pool, check_tensor, check_unique
 from kvfuse.dispatch import choose
 from kvfuse.paged import PagePool, check_pages, slots_of, to_device_async
-from kvfuse.rerotate import check_rope
-from kvfuse.rope import MAX_POSITION, RopeConfig
+from kvfuse.rerotate import check_movable, layer_runs
+from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig
 
 LAYOUTS = ("sequential", "shared")
 
@@ -146,7 +146,8 @@ def pages_needed(segments: Sequence[SourceSegment], page_size: int, *, layout: s
     return _plan_layout(list(segments), page_size, _new_positions(list(segments), layout, positions)).n_new
 
 
-def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[SourceSegment], rope: RopeConfig, *,
+def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[SourceSegment],
+            rope: RopeConfig | ModelRope, *,
             layout: str = "sequential", positions: Sequence[int] | None = None,
             dst_pages: torch.Tensor | PagePool | None = None, backend: str | None = None) -> Composed:
     """Concatenate segments of paged sequences into one sequence of the same pool.
@@ -166,7 +167,8 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         k_cache, v_cache: pools ``[(L,) num_pages, page_size, num_kv_heads, head_dim]``. **Modified in
             place** (destination pages, and given-up segments that move).
         segments: `SourceSegment` list, in composed order.
-        rope: the model's `RopeConfig`.
+        rope: the model's `RopeConfig`, or a `ModelRope` (one rotation per layer) for a layer-stacked
+            pool; a model whose tokens cannot be moved raises ``ValueError`` when a segment moves.
         dst_pages: int ``[m]`` free page ids to copy into (distinct, disjoint from every source page;
             `pages_needed` says how many), or a `PagePool` to allocate them from.
     Returns:
@@ -185,7 +187,7 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
     check_same_pool("k_cache", k_cache, "v_cache", v_cache)
-    check_rope(rope, k_cache.shape[-1])
+    runs = layer_runs(rope, k_cache, v_cache)
     segments = list(segments)
     if not segments:
         raise ValueError("segments must not be empty")
@@ -232,13 +234,19 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         if bool(torch.isin(rotated, torch.cat(kept)).any()):
             raise ValueError("a given-up segment that must be re-rotated in place shares pages with a segment "
                              "that is not given up; give up both or neither")
-    copy_backend = rot_backend = None
-    if lay.copies:
-        copy_backend = choose("compose_copy_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim,
-                              interleaved=rope.interleaved)
-    if lay.rotations:
-        rot_backend = choose("rerotate_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim,
-                             interleaved=rope.interleaved)
+    if any(new_pos[i] != segments[i].position for i, _ in lay.copies) or lay.rotations:
+        check_movable(rope)
+    # per run of layers that rotate alike: (config, k view, v view, copy backend, rotation backend);
+    # a NoPE run copies with the identity rotation and rotates nothing
+    identity = RopeConfig(head_dim=k_cache.shape[-1], rotary_dim=2)
+    work = []
+    for cfg, kv, vv in runs:
+        c = cfg or identity
+        copy_b = choose("compose_copy_", backend, k_cache=kv, rotary_dim=c.rotary_dim,
+                        interleaved=c.interleaved) if lay.copies else None
+        rot_b = choose("rerotate_", backend, k_cache=kv, rotary_dim=c.rotary_dim,
+                       interleaved=c.interleaved) if lay.rotations and cfg is not None else None
+        work.append((cfg, kv, vv, copy_b, rot_b))
 
     # destination pages are read (and validated) only when the composition copies
     pool = dst_pages if isinstance(dst_pages, PagePool) and lay.n_new else None
@@ -266,22 +274,24 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
             src.append(slots_of(s.pages, s.start, s.length, page_size))
             dsts.append(slots_of(table, off, s.length, page_size))
             moves.append((s.length, new_pos[i] - s.position))
-        idx, cos, sin = _rotation_meta(rope, moves)
-        meta = to_device_async(torch.stack([torch.cat(src), torch.cat(dsts), idx]), device)
-        cos, sin = to_device_async(torch.stack([cos, sin]), device)
-        _ops.compose_copy_op(k_cache, v_cache, meta[0], meta[1], meta[2].to(torch.int32), cos, sin,
-                             rope.rotary_dim, rope.interleaved, copy_backend)
+        slots = to_device_async(torch.stack([torch.cat(src), torch.cat(dsts)]), device)
+        for cfg, kv, vv, copy_b, _ in work:
+            c = cfg or identity
+            idx, cos, sin = _rotation_meta(c, moves if cfg is not None else [(n, 0) for n, _ in moves])
+            idx, cos, sin = _to_device(idx, cos, sin, device)
+            _ops.compose_copy_op(kv, vv, slots[0], slots[1], idx, cos, sin, c.rotary_dim, c.interleaved, copy_b)
     if lay.rotations:
         slots, moves = [], []
         for i in lay.rotations:
             s = segments[i]
             slots.append(slots_of(s.pages, s.start, s.length, page_size))
             moves.append((s.length, new_pos[i] - s.position))
-        idx, cos, sin = _rotation_meta(rope, moves)
-        meta = to_device_async(torch.stack([torch.cat(slots), idx]), device)
-        cos, sin = to_device_async(torch.stack([cos, sin]), device)
-        _ops.rerotate_op(k_cache, meta[0], meta[1].to(torch.int32), cos, sin, rope.rotary_dim, rope.interleaved,
-                         rot_backend)
+        slots = to_device_async(torch.cat(slots), device)
+        for cfg, kv, _, _, rot_b in work:
+            if cfg is None:
+                continue
+            idx, cos, sin = _to_device(*_rotation_meta(cfg, moves), device)
+            _ops.rerotate_op(kv, slots, idx, cos, sin, cfg.rotary_dim, cfg.interleaved, rot_b)
 
     ranges, off = [], 0
     for s in segments:
@@ -292,6 +302,12 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     out = to_device_async(torch.cat([table, dst.to(torch.int32), reused_t]), device)
     table_d, dst_d, reused_d = out.split([table.numel(), dst.numel(), reused_t.numel()])
     return Composed(table_d, length, ranges, new_pos, dst_d, reused_d)
+
+
+def _to_device(idx, cos, sin, device):
+    """The per-token table rows (int32) and the cos/sin tables on ``device``, in two copies."""
+    tables = to_device_async(torch.stack([cos, sin]), device)
+    return to_device_async(idx.to(torch.int32), device), tables[0], tables[1]
 
 
 def _rotation_meta(rope: RopeConfig, moves: list[tuple[int, int]]):

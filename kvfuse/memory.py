@@ -34,7 +34,7 @@ import json
 import torch
 
 from kvfuse.rerotate import rerotate_
-from kvfuse.rope import RopeConfig
+from kvfuse.rope import ModelRope, RopeConfig, as_model_rope
 from kvfuse.threads import PagedKVStore, SegmentInfo, Sequence
 
 __all__ = ["MemoryBlock", "model_identity", "save", "load", "insert"]
@@ -47,12 +47,13 @@ _VOLATILE = {"transformers_version", "_name_or_path", "_attn_implementation", "_
 @dataclasses.dataclass
 class MemoryBlock:
     """A saved segment: ``k``/``v`` ``[num_layers, n, num_kv_heads, head_dim]`` (keys rotated at
-    ``positions``, int64 ``[n]``), the `RopeConfig`, the model identity and free-form metadata."""
+    ``positions``, int64 ``[n]``), the model's rotation (`ModelRope`), the model identity and
+    free-form metadata."""
 
     k: torch.Tensor
     v: torch.Tensor
     positions: torch.Tensor
-    rope: RopeConfig
+    rope: ModelRope
     identity: str
     metadata: dict
 
@@ -96,7 +97,7 @@ def save(path: str, seq: Sequence, *, identity: str, segment: str | None = None,
             start += s.length
         n = next(s.length for s in real if s.name == segment)
         k, v, positions = k[:, start:start + n], v[:, start:start + n], positions[start:start + n]
-    header = {"format": FORMAT, "identity": str(identity), "rope": json.dumps(dataclasses.asdict(seq.store.rope)),
+    header = {"format": FORMAT, "identity": str(identity), "rope": json.dumps(seq.store.rope.to_dict()),
               "metadata": json.dumps(metadata or {}, default=str)}
     save_file({"k": k.contiguous().cpu(), "v": v.contiguous().cpu(), "positions": positions.contiguous().cpu()},
               path, metadata=header)
@@ -112,8 +113,11 @@ def load(path: str, *, identity: str | None = None, rope: RopeConfig | None = No
         if header.get("format") != FORMAT:
             raise ValueError(f"{path} is not a kvfuse memory block (format {header.get('format')!r})")
         tensors = {name: f.get_tensor(name) for name in ("k", "v", "positions")}
-    block = MemoryBlock(tensors["k"], tensors["v"], tensors["positions"], RopeConfig(**json.loads(header["rope"])),
-                        header["identity"], json.loads(header.get("metadata", "{}")))
+    rope_d = json.loads(header["rope"])
+    block_rope = ModelRope.from_dict(rope_d) if "layers" in rope_d else \
+        ModelRope.uniform(RopeConfig(**rope_d), tensors["k"].shape[0])  # files written before per-layer rotation
+    block = MemoryBlock(tensors["k"], tensors["v"], tensors["positions"], block_rope, header["identity"],
+                        json.loads(header.get("metadata", "{}")))
     _check(block, identity, rope)
     return block
 
@@ -121,7 +125,7 @@ def load(path: str, *, identity: str | None = None, rope: RopeConfig | None = No
 def _check(block: MemoryBlock, identity, rope) -> None:
     if identity is not None and identity != block.identity:
         raise ValueError(f"memory block of model {block.identity!r} cannot be used with model {identity!r}")
-    if rope is not None and rope != block.rope:
+    if rope is not None and as_model_rope(rope, block.rope.num_layers) != block.rope:
         raise ValueError(f"memory block RoPE config {block.rope} does not match {rope}")
 
 

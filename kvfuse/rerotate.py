@@ -7,7 +7,7 @@ import torch
 from kvfuse import _ops
 from kvfuse._checks import check_cache, check_in_range, check_tensor, check_unique
 from kvfuse.dispatch import choose
-from kvfuse.rope import MAX_POSITION, RopeConfig
+from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig, as_model_rope
 
 
 def check_rope(rope, head_dim: int) -> None:
@@ -15,6 +15,34 @@ def check_rope(rope, head_dim: int) -> None:
         raise TypeError(f"rope must be a kvfuse.RopeConfig, got {type(rope).__name__}")
     if rope.head_dim != head_dim:
         raise ValueError(f"rope.head_dim={rope.head_dim} does not match the cache's head_dim={head_dim}")
+
+
+def layer_runs(rope, k_cache: torch.Tensor, *others: torch.Tensor):
+    """Validate ``rope`` against a pool and split the pool by rotation: a list of
+    ``(config, k_view, *other_views)``, one per run of consecutive layers that rotate alike
+    (``config`` None for NoPE layers). A `RopeConfig` covers the whole pool in one run; a `ModelRope`
+    needs a layer-stacked pool with one entry per layer."""
+    if isinstance(rope, RopeConfig):
+        check_rope(rope, k_cache.shape[-1])
+        return [(rope, k_cache, *others)]
+    if not isinstance(rope, ModelRope):
+        raise TypeError(f"rope must be a kvfuse.RopeConfig or kvfuse.ModelRope, got {type(rope).__name__}")
+    if k_cache.dim() != 5:
+        raise ValueError(f"a ModelRope (per-layer rotation) needs a layer-stacked pool [num_layers, num_pages, "
+                         f"page_size, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
+    rope = as_model_rope(rope, k_cache.shape[0])
+    if rope.head_dim is not None:
+        check_rope(rope.layers[next(i for i, c in enumerate(rope.layers) if c is not None)], k_cache.shape[-1])
+    runs = rope.runs()
+    if len(runs) == 1:
+        return [(runs[0][2], k_cache, *others)]
+    return [(c, k_cache[a:b], *(o[a:b] for o in others)) for a, b, c in runs]
+
+
+def check_movable(rope) -> None:
+    """Raise if ``rope`` says tokens of its model cannot be moved (no rotary embedding)."""
+    if isinstance(rope, ModelRope):
+        rope.check_movable()
 
 
 def check_positions(name: str, pos, n: int) -> None:
@@ -38,7 +66,9 @@ def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, old_positions: torch.T
             ``[num_layers, ...]`` (all layers rotate), fp16/bf16/fp32, contiguous. **Modified in place.**
         slots: int32/int64 ``[N]`` distinct slot ids (``page * page_size + offset``).
         old_positions, new_positions: int ``[N]`` in ``[0, 2**31 - 1]``.
-        rope: the model's `RopeConfig` (NeoX or interleaved, partial rotary, any scaling).
+        rope: the model's `RopeConfig` (NeoX or interleaved, partial rotary, any scaling), or for a
+            layer-stacked pool a `ModelRope` (one rotation per layer; NoPE layers are left as they are;
+            a model whose tokens cannot be moved raises ``ValueError`` when any position changes).
         backend: "auto" (default, or ``KVFUSE_BACKEND``), "cuda", "triton" or "torch".
 
     Returns:
@@ -53,7 +83,7 @@ def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, old_positions: torch.T
         >>> _ = kvfuse.rerotate_(k, slots, torch.arange(16), torch.arange(16) + 100, cfg)
     """
     check_cache("k_cache", k_cache)
-    check_rope(rope, k_cache.shape[-1])
+    runs = layer_runs(rope, k_cache)
     check_tensor("slots", slots, ndim=1, dtype=(torch.int32, torch.int64), device=k_cache.device)
     n_slots = k_cache.shape[-4] * k_cache.shape[-3]
     check_in_range("slots", slots, 0, n_slots, "slot ids (page * page_size + offset)")
@@ -62,8 +92,13 @@ def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, old_positions: torch.T
     check_positions("new_positions", new_positions, slots.numel())
     if slots.numel() == 0:
         return k_cache
-    cos, sin, idx = rope.rotation_tables(new_positions.long() - old_positions.long().to(new_positions.device),
-                                         device=k_cache.device)
-    b = choose("rerotate_", backend, k_cache=k_cache, rotary_dim=rope.rotary_dim, interleaved=rope.interleaved)
-    _ops.rerotate_op(k_cache, slots, idx, cos, sin, rope.rotary_dim, rope.interleaved, b)
+    delta = new_positions.long() - old_positions.long().to(new_positions.device)
+    if isinstance(rope, ModelRope) and rope.unmovable is not None and bool(delta.any()):
+        rope.check_movable()
+    runs = [r for r in runs if r[0] is not None]  # NoPE layers: nothing to rotate
+    plans = [(view, cfg, choose("rerotate_", backend, k_cache=view, rotary_dim=cfg.rotary_dim,
+                                interleaved=cfg.interleaved)) for cfg, view in runs]
+    for view, cfg, b in plans:  # every backend is chosen before the first write
+        cos, sin, idx = cfg.rotation_tables(delta, device=k_cache.device)
+        _ops.rerotate_op(view, slots, idx, cos, sin, cfg.rotary_dim, cfg.interleaved, b)
     return k_cache

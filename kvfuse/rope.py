@@ -229,6 +229,127 @@ class RopeConfig:
         return cls(**kw)
 
 
+
+@dataclasses.dataclass(frozen=True)
+class ModelRope:
+    """How every layer of a model rotated its keys.
+
+    ``layers[i]`` is layer ``i``'s `RopeConfig`, or ``None`` for a layer whose keys carry no rotary
+    position (a NoPE layer: SmolLM3's ``no_rope_layers``, Cohere2's and Llama 4's full-attention
+    layers); moving tokens leaves such a layer's keys as they are. Layers may rotate differently
+    (Gemma 3: theta 1e4 on sliding layers, 1e6 with linear scaling on full-attention layers).
+
+    ``unmovable``, when set, says why tokens of this model cannot be moved at all (no rotary
+    embedding: GPT-2's learned absolute positions, ALiBi): every op that would move a token raises it
+    as a ``ValueError``; layouts that keep positions ("shared") still work.
+
+    Ops that take a ``rope`` on a layer-stacked pool (``[num_layers, ...]``) accept a `ModelRope`
+    with one entry per pool layer, or a single `RopeConfig` that then applies to every layer.
+
+    Example:
+        >>> r = ModelRope((RopeConfig(64), None, RopeConfig(64, theta=1e6)), model="example")
+        >>> [(a, b, c is not None) for a, b, c in r.runs()]
+        [(0, 1, True), (1, 2, False), (2, 3, True)]
+    """
+
+    layers: tuple[RopeConfig | None, ...]
+    model: str = "this model"
+    unmovable: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.layers, RopeConfig) or not hasattr(self.layers, "__len__"):
+            raise TypeError(f"ModelRope.layers must be a sequence of RopeConfig | None (one per layer), "
+                            f"got {type(self.layers).__name__}; ModelRope.uniform(rope, num_layers) builds one")
+        layers = tuple(self.layers)
+        if not layers:
+            raise ValueError("ModelRope.layers must hold one entry per layer, got none")
+        for i, c in enumerate(layers):
+            if c is not None and not isinstance(c, RopeConfig):
+                raise TypeError(f"ModelRope.layers[{i}] must be a RopeConfig or None, got {type(c).__name__}")
+        dims = {c.head_dim for c in layers if c is not None}
+        if len(dims) > 1:
+            raise ValueError(f"ModelRope: the layers' RopeConfigs disagree on head_dim ({sorted(dims)})")
+        if self.unmovable is not None and not isinstance(self.unmovable, str):
+            raise TypeError(f"ModelRope.unmovable must be a string (the reason) or None, got {self.unmovable!r}")
+        object.__setattr__(self, "layers", layers)
+
+    @classmethod
+    def uniform(cls, rope: RopeConfig, num_layers: int, model: str = "this model") -> ModelRope:
+        """Every one of ``num_layers`` layers rotates with ``rope``."""
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
+            raise ValueError(f"ModelRope.uniform: num_layers must be a positive int, got {num_layers!r}")
+        return cls((rope,) * num_layers, model)
+
+    @classmethod
+    def from_hf(cls, config: Any) -> ModelRope:
+        """The rotation of every layer of a Hugging Face model, from its config (see
+        `kvfuse.integrations.hf_config.model_rope`)."""
+        from kvfuse.integrations.hf_config import model_rope
+
+        return model_rope(config)
+
+    @classmethod
+    def from_hf_model(cls, model: Any) -> ModelRope:
+        """Like `from_hf`, with the inverse frequencies the loaded model really rotates with."""
+        from kvfuse.integrations.hf_config import model_rope_of
+
+        return model_rope_of(model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def head_dim(self) -> int | None:
+        """The head_dim of the rotating layers (None when no layer rotates)."""
+        return next((c.head_dim for c in self.layers if c is not None), None)
+
+    @property
+    def single(self) -> RopeConfig | None:
+        """The one `RopeConfig` every layer uses, or None when layers differ (or do not rotate)."""
+        first = self.layers[0]
+        return first if first is not None and all(c == first for c in self.layers) else None
+
+    def runs(self) -> list[tuple[int, int, RopeConfig | None]]:
+        """Maximal runs ``(first_layer, end_layer, config)`` of consecutive layers rotating alike."""
+        out, start = [], 0
+        for i in range(1, len(self.layers) + 1):
+            if i == len(self.layers) or self.layers[i] != self.layers[start]:
+                out.append((start, i, self.layers[start]))
+                start = i
+        return out
+
+    def check_movable(self) -> None:
+        """Raise ``ValueError`` (the reason) if tokens of this model cannot be moved."""
+        if self.unmovable is not None:
+            raise ValueError(self.unmovable)
+
+    def to_dict(self) -> dict:
+        return {"layers": [None if c is None else dataclasses.asdict(c) for c in self.layers],
+                "model": self.model, "unmovable": self.unmovable}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelRope:
+        return cls(tuple(None if c is None else RopeConfig(**{**c, "inv_freq_values": _tuple(c.get("inv_freq_values"))})
+                         for c in d["layers"]), d.get("model", "this model"), d.get("unmovable"))
+
+
+def _tuple(x):
+    return None if x is None else tuple(x)
+
+
+def as_model_rope(rope: RopeConfig | ModelRope | None, num_layers: int, name: str = "rope") -> ModelRope | None:
+    """``rope`` as a `ModelRope` of ``num_layers`` layers (a `RopeConfig` applies to every layer)."""
+    if rope is None:
+        return None
+    if isinstance(rope, RopeConfig):
+        return ModelRope.uniform(rope, num_layers)
+    if not isinstance(rope, ModelRope):
+        raise TypeError(f"{name} must be a kvfuse.RopeConfig or kvfuse.ModelRope, got {type(rope).__name__}")
+    if rope.num_layers != num_layers:
+        raise ValueError(f"{name} describes {rope.num_layers} layers, the pool has {num_layers}")
+    return rope
+
 _INV_FREQ_CACHE: dict = {}
 
 

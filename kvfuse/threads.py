@@ -56,7 +56,7 @@ import torch
 from kvfuse.attention import EMPTY, FULL, AttentionPlan, TileMap, _classify
 from kvfuse.compose import SourceSegment, compose, pages_needed
 from kvfuse.paged import gather_kv, slot_view, to_device_async
-from kvfuse.rope import RopeConfig
+from kvfuse.rope import ModelRope, RopeConfig, as_model_rope
 from kvfuse.segments import Segment, SegmentGraph
 
 __all__ = ["PagedKVStore", "Sequence", "SegmentInfo", "BatchPlan", "fork", "merge", "batch_plan"]
@@ -83,7 +83,8 @@ class PagedKVStore:
     Args:
         num_layers, num_pages, page_size, num_kv_heads, head_dim: pool shape; ``k_cache`` and
             ``v_cache`` are ``[num_layers, num_pages, page_size, num_kv_heads, head_dim]``.
-        rope: the model's `RopeConfig` (needed by `merge` and by memory blocks).
+        rope: the model's rotation, a `ModelRope` (per layer) or a `RopeConfig` (every layer alike);
+            kept as a `ModelRope`. Needed to move tokens (`merge` "sequential", memory blocks).
         dtype, device: of the pools. They start zeroed (unused slots never hold NaN).
 
     Pages: ``alloc(n)`` hands out ``n`` pages with one reference each (``RuntimeError`` when fewer
@@ -98,10 +99,11 @@ class PagedKVStore:
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
-                 rope: RopeConfig | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
+                 rope: RopeConfig | ModelRope | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
         if min(num_layers, num_pages, page_size, num_kv_heads, head_dim) <= 0:
             raise ValueError("PagedKVStore: every dimension must be positive")
-        if rope is not None and rope.head_dim != head_dim:
+        rope = as_model_rope(rope, num_layers)
+        if rope is not None and rope.head_dim not in (None, head_dim):
             raise ValueError(f"rope.head_dim={rope.head_dim} does not match head_dim={head_dim}")
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -119,14 +121,14 @@ class PagedKVStore:
     def from_hf(cls, config, num_pages: int, page_size: int = 16, *, dtype: torch.dtype | None = None,
                 device="cpu") -> PagedKVStore:
         """A store shaped for a Hugging Face ``PretrainedConfig`` (layers, KV heads, head_dim, RoPE)."""
-        n_heads = config.num_attention_heads
-        hkv = getattr(config, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        from kvfuse.integrations.hf_config import cache_shape, model_rope
+
+        num_layers, hkv, head_dim = cache_shape(config)
         dtype = dtype or getattr(config, "dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        return cls(config.num_hidden_layers, num_pages, page_size, hkv, head_dim,
-                   rope=RopeConfig.from_hf(config), dtype=dtype, device=device)
+        return cls(num_layers, num_pages, page_size, hkv, head_dim, rope=model_rope(config), dtype=dtype,
+                   device=device)
 
     # ------------------------------------------------------------------ pages
     @property
@@ -458,8 +460,10 @@ def merge(threads: _Seq[Sequence], layout: str = "sequential", *, keep_threads: 
     store = threads[0].store
     if any(t.store is not store for t in threads):
         raise ValueError("merge: threads belong to different stores")
-    if store.rope is None:
-        raise ValueError("merge needs the store's RopeConfig (PagedKVStore(..., rope=...))")
+    rope = store.rope
+    if rope is None:  # nothing may move: the shared layout still works
+        rope = ModelRope((None,) * store.num_layers, unmovable="merge: moving tokens (layout='sequential') needs "
+                         "the store's rotation (PagedKVStore(..., rope=...))")
     ps = store.page_size
     k, n_pre = _common_prefix(threads)
     prefix_segs = threads[0].segments[:k]
@@ -500,7 +504,7 @@ def merge(threads: _Seq[Sequence], layout: str = "sequential", *, keep_threads: 
         return Sequence(store, [], out_segs)
     dst = store.alloc(pages_needed(sources, ps, positions=new_pos))
     try:
-        composed = compose(store.k_cache, store.v_cache, sources, store.rope, positions=new_pos, dst_pages=dst,
+        composed = compose(store.k_cache, store.v_cache, sources, rope, positions=new_pos, dst_pages=dst,
                            backend=backend)
     except Exception:
         store.decref(dst)

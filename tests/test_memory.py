@@ -97,7 +97,7 @@ def test_mismatch_errors(tmp_path):
     store2 = kvfuse.PagedKVStore(3, 8, 4, 2, 16, rope=other)
     with pytest.raises(ValueError, match="RoPE"):
         memory.insert(store2, block)
-    store3 = kvfuse.PagedKVStore(2, 8, 4, 2, 16, rope=store.rope)
+    store3 = kvfuse.PagedKVStore(2, 8, 4, 2, 16, rope=store.rope.single)
     with pytest.raises(ValueError, match="layers"):
         memory.insert(store3, block)
     with pytest.raises(ValueError, match="identity|model"):

@@ -56,6 +56,18 @@ __all__ = ["NAME", "KVFuseCache", "register", "attention_forward", "prefill", "d
 NAME = "kvfuse"
 
 
+def _cache_keyword() -> str:
+    """The keyword models take their cache by: ``cache`` (transformers >= 5.24), formerly ``past_key_values``."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+_CACHE_KW = _cache_keyword()
+
+
 @dataclasses.dataclass
 class _PagedLayer:
     """What `KVFuseCache.update` returns instead of dense K/V: the layer lives in the paged store."""
@@ -99,7 +111,7 @@ class KVFuseCache(Cache):
         self._issued: tuple | None = None  # (tensor, its version, host copy) last returned by position_ids
 
     # ------------------------------------------------------------------ transformers' Cache API
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
         """Append ``key_states``/``value_states`` (``[B, Hkv, q, D]``, keys rotated) of layer
         ``layer_idx`` to the rows' pages. Layer 0 of a forward reserves the rows' new slots and plans
         the batched attention; later layers reuse that."""
@@ -189,8 +201,8 @@ class KVFuseCache(Cache):
         and this cache. ``generate`` returns the new tokens followed by the generated ones."""
         b, n = input_ids.shape
         mask = torch.ones(b, max(r.num_tokens for r in self.rows) + n, dtype=torch.long, device=input_ids.device)
-        return dict(input_ids=input_ids, attention_mask=mask, position_ids=self.position_ids(n).to(input_ids.device),
-                    past_key_values=self)
+        return {"input_ids": input_ids, "attention_mask": mask,
+                "position_ids": self.position_ids(n).to(input_ids.device), _CACHE_KW: self}
 
     def _attend(self, query, layer, attention_mask, scaling, kwargs):
         step = self._step
@@ -260,6 +272,6 @@ def decode(model, rows: list[Sequence], input_ids: torch.Tensor, *, hogwild: boo
     ``[B, q, vocab]``; the rows grow by ``q`` tokens (in place)."""
     rows = list(rows)
     cache = KVFuseCache(rows[0].store, rows, hogwild=hogwild, config=model.config)
-    out = model(input_ids=input_ids, position_ids=cache.position_ids(input_ids.shape[1]), past_key_values=cache,
-                use_cache=True)
+    out = model(input_ids=input_ids, position_ids=cache.position_ids(input_ids.shape[1]), use_cache=True,
+                **{_CACHE_KW: cache})
     return out.logits
