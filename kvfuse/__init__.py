@@ -8,15 +8,15 @@ from kvfuse.dispatch import BackendNotSupported, available
 from kvfuse.merge_states import merge_states
 from kvfuse.paged import PagePool, gather_kv, slots_of, write_kv_
 from kvfuse.rerotate import rerotate_
-from kvfuse.rope import RopeConfig
+from kvfuse.rope import ModelRope, RopeConfig
 from kvfuse.segments import Segment, SegmentGraph
 from kvfuse.threads import BatchPlan, PagedKVStore, SegmentInfo, Sequence, batch_plan, fork, merge
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionPlan", "AttentionSpec", "BackendNotSupported", "BatchPlan", "Composed", "PagePool", "PagedKVStore",
-    "RopeConfig", "Segment", "SegmentGraph", "SegmentInfo", "Sequence", "SourceSegment", "attention", "available",
+    "AttentionPlan", "AttentionSpec", "BackendNotSupported", "BatchPlan", "Composed", "ModelRope", "PagePool",
+    "PagedKVStore", "RopeConfig", "Segment", "SegmentGraph", "SegmentInfo", "Sequence", "SourceSegment", "attention", "available",
     "batch_plan", "compose", "flash_attn_with_kvcache", "fork", "gather_kv", "lse_from_base2", "lse_to_base2",
     "merge", "merge_states", "pages_needed", "plan", "rerotate_", "sdpa", "slots_of", "write_kv_",
 ]
