@@ -1,6 +1,4 @@
 // segment_attention (decode): torch entry point (checks + dtype dispatch) of kvfuse/attention.cuh.
-#include <cstdlib>
-
 #include "kvfuse/attention.cuh"
 #include "torch_utils.h"
 
@@ -14,9 +12,9 @@ void check_i32(const at::Tensor& t, const char* name, const at::Tensor& like) {
 
 std::tuple<at::Tensor, at::Tensor> segment_attention(
     at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table, at::Tensor kv_lens,
-    at::Tensor qo_indptr, at::Tensor token_seg, at::Tensor ancestors, at::Tensor work_seq, at::Tensor work_qtile,
-    at::Tensor kt_indptr, at::Tensor kt_index, at::Tensor kt_full, int64_t block_q, int64_t block_k,
-    double sm_scale) {
+    at::Tensor qo_indptr, at::Tensor token_seg, at::Tensor ancestors, at::Tensor q_token, at::Tensor token_pos,
+    at::Tensor work_seq, at::Tensor work_qtile, at::Tensor kt_indptr, at::Tensor kt_index, at::Tensor kt_full,
+    int64_t block_q, int64_t block_k, double sm_scale, double softcap, int64_t window) {
   KVFUSE_CHECK_CUDA(q);
   KVFUSE_CHECK(q.dim() == 3, "q must be [total_q, Hq, D]");
   KVFUSE_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "k_cache/v_cache must be [P, page_size, Hkv, D]");
@@ -35,6 +33,11 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   check_i32(kv_lens, "kv_lens", q);
   check_i32(qo_indptr, "qo_indptr", q);
   check_i32(token_seg, "token_seg", q);
+  check_i32(q_token, "q_token", q);
+  check_i32(token_pos, "token_pos", q);
+  KVFUSE_CHECK(q_token.numel() == total_q, "q_token must hold one token index per query row");
+  KVFUSE_CHECK(token_pos.sizes() == token_seg.sizes(), "token_pos must be shaped like token_seg");
+  KVFUSE_CHECK(softcap >= 0 && window >= 0, "softcap and window must be >= 0 (0: off)");
   check_i32(work_seq, "work_seq", q);
   check_i32(work_qtile, "work_qtile", q);
   check_i32(kt_indptr, "kt_indptr", q);
@@ -81,16 +84,16 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   a.num_qo_heads = static_cast<int>(hq);
   a.num_kv_heads = static_cast<int>(hkv);
   a.scale_log2 = static_cast<float>(sm_scale * 1.4426950408889634);
+  a.q_token = q_token.data_ptr<int32_t>();
+  a.token_pos = token_pos.data_ptr<int32_t>();
+  a.window = static_cast<int>(window);
+  a.softcap_pre = softcap > 0 ? static_cast<float>(sm_scale / softcap) : 0.f;
+  a.softcap_mul = softcap > 0 ? static_cast<float>(softcap * 1.4426950408889634) : 0.f;
   a.num_row_blocks = kvfuse::decode_row_blocks(a.block_q, G);
   a.total_q = static_cast<int>(total_q);
   int sms = 1;
   KVFUSE_CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
-  // blocks per multiprocessor the split-K plan aims at (tuning knob KVFUSE_CUDA_DECODE_BLOCKS_PER_SM)
-  static const int per_sm = [] {
-    const char* e = std::getenv("KVFUSE_CUDA_DECODE_BLOCKS_PER_SM");
-    const int v = e ? std::atoi(e) : 0;
-    return v > 0 && v <= 256 ? v : 8;
-  }();
+  constexpr int per_sm = 8;  // blocks per multiprocessor the split-K plan aims at
   a.num_splits =
       kvfuse::decode_plan_splits(kt_index.numel(), a.num_work, a.num_kv_heads, a.num_row_blocks, per_sm * sms);
   at::Tensor part_o, part_lse;
@@ -103,15 +106,8 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // kernel variant for head_dim 128 (tuning knob KVFUSE_CUDA_DECODE_VARIANT, read once per process:
-  // 0 .. kDecodeVariants - 1, see DecodeConfig in kvfuse/attention.cuh; unset / out of range: the default)
-  static const int variant = [] {
-    const char* e = std::getenv("KVFUSE_CUDA_DECODE_VARIANT");
-    const int v = e && *e ? std::atoi(e) : -1;
-    return v >= 0 && v < kvfuse::kDecodeVariants ? v : -1;
-  }();
   KVFUSE_DISPATCH_HALF(q.scalar_type(), "segment_attention", [&] {
-    KVFUSE_CUDA_OK(kvfuse::decode_attention<scalar_t>(a, static_cast<int>(d), stream, variant));
+    KVFUSE_CUDA_OK(kvfuse::decode_attention<scalar_t>(a, static_cast<int>(d), stream));
   });
   return {out, lse};
 }

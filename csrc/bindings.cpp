@@ -8,9 +8,9 @@ void compose_copy_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor src_slots,
 std::tuple<at::Tensor, at::Tensor> merge_states(at::Tensor v_a, at::Tensor s_a, at::Tensor v_b, at::Tensor s_b);
 std::tuple<at::Tensor, at::Tensor> segment_attention(
     at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table, at::Tensor kv_lens,
-    at::Tensor qo_indptr, at::Tensor token_seg, at::Tensor ancestors, at::Tensor work_seq, at::Tensor work_qtile,
-    at::Tensor kt_indptr, at::Tensor kt_index, at::Tensor kt_full, int64_t block_q, int64_t block_k,
-    double sm_scale);
+    at::Tensor qo_indptr, at::Tensor token_seg, at::Tensor ancestors, at::Tensor q_token, at::Tensor token_pos,
+    at::Tensor work_seq, at::Tensor work_qtile, at::Tensor kt_indptr, at::Tensor kt_index, at::Tensor kt_full,
+    int64_t block_q, int64_t block_k, double sm_scale, double softcap, int64_t window);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kvfuse CUDA kernels (see kvfuse/backends/cuda.py for the Python side)";

@@ -12,6 +12,7 @@ import torch
 from kvfuse import _ops
 from kvfuse._checks import check_in_range, check_tensor
 from kvfuse.dispatch import choose, meta
+from kvfuse.paged import to_device_async
 from kvfuse.segments import SegmentGraph
 
 LOG2E = 1.4426950408889634
@@ -22,15 +23,20 @@ EMPTY, FULL, PARTIAL = 0, 1, 2
 class AttentionSpec:
     """What a plan is computed from.
 
-    graphs: one `SegmentGraph` per sequence (its total tokens = the sequence's KV length).
+    graphs: one `SegmentGraph` per sequence (a list; its total tokens = the sequence's KV length;
+        its segments' positions are the tokens' RoPE positions, read by a sliding window).
     q_lens: queries per sequence; they are the sequence's *last* ``q_len`` tokens (their K/V are in
         the pool already). ``None`` means every token (prefill).
+    q_tokens: instead of ``q_lens``, the token indices of each sequence's queries (strictly
+        increasing ints in ``[0, kv_len)``; a list or an int tensor per sequence): queries anywhere in
+        the sequence, e.g. tokens whose K/V are recomputed in place.
     device: where the plan's tensors live (the device of q and the pools).
     """
 
     graphs: Sequence[SegmentGraph]
     q_lens: Sequence[int] | None = None
     device: str | torch.device = "cpu"
+    q_tokens: Sequence[Sequence[int] | torch.Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -52,63 +58,183 @@ class TileMap:
     kinds: list  # per sequence: int8 [num_qtiles, num_ktiles] of EMPTY / FULL / PARTIAL (CPU)
 
 
+def _device(value) -> torch.device:
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"AttentionSpec.device must name a torch device ('cpu', 'cuda', 'cuda:1'), got {value!r}") \
+            from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"AttentionSpec.device={value!r}, but this torch has no usable CUDA device "
+                             f"(torch.cuda.is_available() is False)")
+        if dev.index is None:  # "cuda" means the current device, as for tensors
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _query_spec(spec: AttentionSpec, graphs: list[SegmentGraph]) -> list:
+    """Per sequence: an int (its last ``q_len`` tokens) or a tuple of token indices."""
+    kv = [g.num_tokens for g in graphs]
+    if spec.q_tokens is not None:
+        if spec.q_lens is not None:
+            raise ValueError("AttentionSpec: give q_lens or q_tokens, not both")
+        if isinstance(spec.q_tokens, torch.Tensor) or not isinstance(spec.q_tokens, (list, tuple)):
+            raise TypeError(f"AttentionSpec.q_tokens must be a list with one list/tensor of token indices per "
+                            f"graph, got {type(spec.q_tokens).__name__}")
+        if len(spec.q_tokens) != len(graphs):
+            raise ValueError(f"AttentionSpec.q_tokens needs one entry per graph ({len(graphs)}), "
+                             f"got {len(spec.q_tokens)}")
+        out = []
+        for i, (t, n) in enumerate(zip(spec.q_tokens, kv)):
+            if isinstance(t, torch.Tensor):
+                if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+                    raise TypeError(f"AttentionSpec.q_tokens[{i}] must be a 1-D int tensor, got {t.dtype} "
+                                    f"{tuple(t.shape)}")
+                t = t.tolist()
+            elif not isinstance(t, (list, tuple)) or not all(_is_int(x) for x in t):
+                raise TypeError(f"AttentionSpec.q_tokens[{i}] must be a list of ints, got {t!r:.80}")
+            t = tuple(t)
+            if any(b <= a for a, b in zip(t, t[1:])) or (t and not (0 <= t[0] and t[-1] < n)):
+                raise ValueError(f"AttentionSpec.q_tokens[{i}] must be strictly increasing token indices in "
+                                 f"[0, kv_len={n})")
+            out.append(t)
+        return out
+    if spec.q_lens is None:
+        return kv
+    if isinstance(spec.q_lens, (int, torch.Tensor)) or not isinstance(spec.q_lens, (list, tuple)):
+        raise TypeError(f"AttentionSpec.q_lens must be a list of ints (one per graph), got {spec.q_lens!r:.80}")
+    if any(not _is_int(x) for x in spec.q_lens):
+        raise TypeError(f"AttentionSpec.q_lens must be ints, got {list(spec.q_lens)!r:.80}")
+    if len(spec.q_lens) != len(graphs):
+        raise ValueError(f"AttentionSpec.q_lens needs one entry per graph ({len(graphs)}), got {len(spec.q_lens)}")
+    for i, (ql, n) in enumerate(zip(spec.q_lens, kv)):
+        if not 0 <= ql <= n:
+            raise ValueError(f"AttentionSpec.q_lens[{i}]={ql} must lie in [0, kv_len={n}]")
+    return list(spec.q_lens)
+
+
+def _query_tokens(qs, n: int) -> torch.Tensor:
+    """int64 token indices of a query spec (an int q_len or a tuple of indices)."""
+    return torch.arange(n - qs, n) if isinstance(qs, int) else torch.tensor(qs, dtype=torch.int64)
+
+
 class AttentionPlan:
     """Segment metadata of a batch, computed once and reused by every layer (and step).
 
     Tensors (on ``spec.device``): ``qo_indptr`` int32 [B+1], ``kv_lens`` int32 [B], ``token_seg``
-    int32 [B, max_kv] (segment of each token, -1 past the end), ``ancestors`` uint8 [B, S, S].
-    ``tiles(block_q, block_k)`` classifies every tile as empty / full / partial (cached).
+    int32 [B, max_kv] (segment of each token, -1 past the end), ``ancestors`` uint8 [B, S, S],
+    ``q_token`` int32 [total_q] (token index of each query row), ``token_pos`` int32 [B, max_kv]
+    (RoPE position of each token). ``tiles(block_q, block_k, window)`` classifies every tile as
+    empty / full / partial (cached).
+
+    Sequences whose graphs have the same shape (segment lengths, parents, positions; names do not
+    matter) and the same queries -- sibling threads decoding in lockstep -- are described once: one
+    classification, one row of metadata gathered per sequence on the device; everything reaches the
+    device in one pinned, non-blocking copy (no host synchronisation).
     """
 
     def __init__(self, spec: AttentionSpec):
         if not isinstance(spec, AttentionSpec):
             raise TypeError(f"plan() takes a kvfuse.AttentionSpec, got {type(spec).__name__}")
+        if isinstance(spec.graphs, SegmentGraph):
+            raise TypeError("AttentionSpec.graphs must be a list of SegmentGraph (one per sequence), got one "
+                            "SegmentGraph: write AttentionSpec([graph])")
+        if not isinstance(spec.graphs, (list, tuple)):
+            raise TypeError(f"AttentionSpec.graphs must be a list of SegmentGraph, got {type(spec.graphs).__name__}")
         graphs = list(spec.graphs)
         if not graphs:
             raise ValueError("AttentionSpec.graphs must not be empty")
         for i, g in enumerate(graphs):
             if not isinstance(g, SegmentGraph):
                 raise TypeError(f"AttentionSpec.graphs[{i}] must be a SegmentGraph, got {type(g).__name__}")
+        queries = _query_spec(spec, graphs)
+        dev = _device(spec.device)
+        self.graphs, self.device = graphs, dev
         kv = [g.num_tokens for g in graphs]
-        if spec.q_lens is not None and any(not isinstance(x, int) or isinstance(x, bool) for x in spec.q_lens):
-            raise TypeError(f"AttentionSpec.q_lens must be ints, got {list(spec.q_lens)!r}")
-        q_lens = kv if spec.q_lens is None else list(spec.q_lens)
-        if len(q_lens) != len(graphs):
-            raise ValueError(f"AttentionSpec.q_lens needs one entry per graph ({len(graphs)}), got {len(q_lens)}")
-        for i, (ql, n) in enumerate(zip(q_lens, kv)):
-            if not 0 <= ql <= n:
-                raise ValueError(f"AttentionSpec.q_lens[{i}]={ql} must lie in [0, kv_len={n}]")
-        self.graphs, self.q_lens, self.kv_lens_list = graphs, q_lens, kv
-        dev = torch.device(spec.device)
-        if dev.type == "cuda" and dev.index is None:  # "cuda" means the current device, as for tensors
-            dev = torch.device("cuda", torch.cuda.current_device())
-        self.device = dev
-        self.batch_size = len(graphs)
-        self.total_q = sum(q_lens)
-        self.max_kv = max(kv)
-        self.max_q = max(q_lens)
-        dev = self.device
-        self.qo_indptr = torch.tensor([0] + list(torch.cumsum(torch.tensor(q_lens), 0).tolist()),
-                                      dtype=torch.int32, device=dev)
-        self.kv_lens = torch.tensor(kv, dtype=torch.int32, device=dev)
-        seg = torch.full((len(graphs), max(self.max_kv, 1)), -1, dtype=torch.int32)
-        s_max = max(g.num_segments for g in graphs)
-        anc = torch.zeros(len(graphs), s_max, s_max, dtype=torch.uint8)
-        for b, g in enumerate(graphs):
-            seg[b, : g.num_tokens] = g.token_segments()
-            anc[b, : g.num_segments, : g.num_segments] = g.ancestors.to(torch.uint8)
-        self.token_seg, self.ancestors = seg.to(dev), anc.to(dev)
+        q_lens = [q if isinstance(q, int) else len(q) for q in queries]
+        self.q_lens, self.kv_lens_list = q_lens, kv
+        self._queries = queries
+        self.batch_size, self.total_q, self.max_kv, self.max_q = len(graphs), sum(q_lens), max(kv), max(q_lens)
+        # rows of one shape share a class: its graph, queries, metadata rows and tile classification
+        keys, classes, row_class = {}, [], []
+        for g, qs in zip(graphs, queries):
+            c = keys.setdefault((g.shape_key, qs), len(classes))
+            if c == len(classes):
+                classes.append((g, qs))
+            row_class.append(c)
+        self._classes, self._row_class = classes, row_class
+        B, C = len(graphs), len(classes)
+        S = max(g.num_segments for g, _ in classes)
+        W = max(self.max_kv, 1)
+        anc = torch.zeros(C, S, S, dtype=torch.int32)
+        seg = torch.full((C, W), -1, dtype=torch.int32)
+        pos = torch.zeros(C, W, dtype=torch.int32)
+        for c, (g, _) in enumerate(classes):
+            anc[c, : g.num_segments, : g.num_segments] = g.ancestors.to(torch.int32)
+            seg[c, : g.num_tokens] = g.token_segments()
+            pos[c, : g.num_tokens] = g.token_positions().to(torch.int32)
+        qo = torch.zeros(B + 1, dtype=torch.int32)
+        qo[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
+        class_q = [_query_tokens(qs, g.num_tokens).to(torch.int32) for g, qs in classes]
+        q_tok = torch.cat([class_q[c] for c in row_class]) if self.total_q else torch.empty(0, dtype=torch.int32)
+        # one int32 host buffer, one copy: qo_indptr | kv_lens | row class | q_token | ancestors | token_seg | pos
+        host = torch.cat([qo, torch.tensor(kv + row_class, dtype=torch.int32), q_tok, anc.flatten(), seg.flatten(),
+                          pos.flatten()])
+        buf = to_device_async(host, dev)
+        qo, kv_d, rc, q_tok, anc, seg, pos = torch.split(
+            buf, (B + 1, B, B, q_tok.numel(), anc.numel(), seg.numel(), pos.numel()))
+        self.qo_indptr, self.kv_lens, self.q_token = qo, kv_d, q_tok
+        if C == 1:
+            self.ancestors = anc.view(1, S, S).expand(B, S, S).to(torch.uint8)
+            self.token_seg, self.token_pos = seg.view(1, W).expand(B, W), pos.view(1, W).expand(B, W)
+        else:
+            rc = rc.long()
+            self.ancestors = anc.view(C, S, S)[rc].to(torch.uint8)
+            self.token_seg, self.token_pos = seg.view(C, W)[rc], pos.view(C, W)[rc]
+        self.token_seg, self.token_pos = self.token_seg.contiguous(), self.token_pos.contiguous()
         self._tiles: dict = {}
 
-    def visible_pairs(self) -> int:
+    def visible_pairs(self, window: int | None = None) -> int:
         """(query, key) pairs that are visible: the work of the attention, for FLOP counts."""
-        return sum(g.visible_pairs(ql) for g, ql in zip(self.graphs, self.q_lens))
+        per_class = [g.visible_pairs(q_tokens=_query_tokens(qs, g.num_tokens), window=window)
+                     for g, qs in self._classes]
+        return sum(per_class[c] for c in self._row_class)
 
-    def tiles(self, block_q: int, block_k: int) -> TileMap:
-        key = (block_q, block_k)
+    def tiles(self, block_q: int, block_k: int, window: int | None = None) -> TileMap:
+        """The tile map for ``block_q`` x ``block_k`` tiles (and a sliding ``window``), cached."""
+        key = (block_q, block_k, window)
         if key not in self._tiles:
-            self._tiles[key] = _classify_batch(self, block_q, block_k)
+            self._tiles[key] = self._tile_map(block_q, block_k, window)
         return self._tiles[key]
+
+    def _tile_map(self, bq: int, bk: int, window: int | None) -> TileMap:
+        per_class = []
+        for g, qs in self._classes:
+            k = _classify(g, qs, bq, bk, window)
+            nz = k != EMPTY
+            per_class.append((k, nz.sum(1).to(torch.int32), torch.nonzero(nz)[:, 1].to(torch.int32),
+                              (k[nz] == FULL).to(torch.int32)))
+        ws, wq, counts, idx, full, kinds = [], [], [], [], [], []
+        for b, c in enumerate(self._row_class):
+            k, cnt, ix, fl = per_class[c]
+            ws.append(torch.full((k.shape[0],), b, dtype=torch.int32))
+            wq.append(torch.arange(k.shape[0], dtype=torch.int32))
+            counts.append(cnt)
+            idx.append(ix)
+            full.append(fl)
+            kinds.append(k)
+        ws, wq, counts, idx, full = (torch.cat(x) for x in (ws, wq, counts, idx, full))
+        indptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+        indptr[1:] = counts.cumsum(0)
+        buf = to_device_async(torch.cat([ws, wq, indptr, idx, full]), self.device)
+        n_w, n_k = ws.numel(), idx.numel()
+        ws, wq, indptr, idx, full = torch.split(buf, (n_w, n_w, n_w + 1, n_k, n_k))
+        return TileMap(bq, bk, ws, wq, indptr, idx, full.to(torch.int8), kinds)
 
 
 def plan(spec: AttentionSpec) -> AttentionPlan:
@@ -124,14 +250,33 @@ def plan(spec: AttentionSpec) -> AttentionPlan:
     return AttentionPlan(spec)
 
 
-def _classify(graph: SegmentGraph, q_len: int, bq: int, bk: int) -> torch.Tensor:
-    """int8 [ceil(q_len/bq), ceil(n/bk)]: EMPTY / FULL / PARTIAL of each tile, from segment intervals."""
+def _tile_bounds(values: torch.Tensor, tile: int):
+    """(min, max) of ``values`` over consecutive groups of ``tile`` elements."""
+    n = values.numel()
+    nt = -(-n // tile)
+    pad = torch.full((nt * tile - n,), 1 << 40, dtype=values.dtype)  # beyond any position (< 2**31)
+    lo = torch.cat([values, pad]).view(nt, tile).amin(1)
+    hi = torch.cat([values, -pad]).view(nt, tile).amax(1)
+    return lo, hi
+
+
+def _classify(graph: SegmentGraph, queries, bq: int, bk: int, window: int | None = None) -> torch.Tensor:
+    """int8 [ceil(q_len/bq), ceil(n/bk)]: EMPTY / FULL / PARTIAL of each tile, from segment intervals.
+
+    ``queries``: an int (the last q_len tokens) or a tuple of token indices. A query tile spans the
+    tokens from its first to its last query; classifying that span is exact for consecutive queries
+    and conservative (never FULL or EMPTY wrongly) otherwise. A sliding ``window`` is classified from
+    each tile's lowest and highest position: FULL needs every pair inside the window, EMPTY follows
+    when every pair is outside it."""
     n = graph.num_tokens
     starts = graph.starts
     ends = starts + graph.lengths
+    qt = _query_tokens(queries, n)
+    q_len = qt.numel()
     nqt, nkt = -(-q_len // bq), -(-n // bk)
-    qa = (n - q_len) + torch.arange(nqt) * bq
-    qb = torch.clamp(qa + bq, max=n)
+    first = torch.arange(nqt) * bq
+    qa = qt[first]
+    qb = qt[torch.clamp(first + bq, max=q_len) - 1] + 1
     ka = torch.arange(nkt) * bk
     kb = torch.clamp(ka + bk, max=n)
     Qa, Qb = torch.maximum(qa[:, None], starts), torch.minimum(qb[:, None], ends)  # [QT, S]
@@ -153,53 +298,45 @@ def _classify(graph: SegmentGraph, q_len: int, bq: int, bk: int) -> torch.Tensor
         full = n_full == nq[sl, None] * nk[None]
         nonempty = (n_full > 0) | s_part.any(-1)
         out[sl] = torch.where(full, FULL, torch.where(nonempty, PARTIAL, EMPTY)).to(torch.int8)
+    if window is not None and nqt and nkt:
+        pos = graph.token_positions()
+        q_lo, q_hi = _tile_bounds(pos[qt], bq)
+        k_lo, k_hi = _tile_bounds(pos, bk)
+        inside = (q_hi[:, None] - k_lo[None, :]) < window  # every pair inside the window
+        outside = (q_lo[:, None] - k_hi[None, :]) >= window  # every pair outside it
+        out = torch.where(outside, EMPTY, torch.where(inside | (out == EMPTY), out, PARTIAL)).to(torch.int8)
     return out
 
 
-def _classify_batch(p: AttentionPlan, bq: int, bk: int) -> TileMap:
-    ws, wq, indptr, idx, full, kinds = [], [], [0], [], [], []
-    for b, (g, ql) in enumerate(zip(p.graphs, p.q_lens)):
-        k = _classify(g, ql, bq, bk)
-        kinds.append(k)
-        for qt in range(k.shape[0]):
-            nz = torch.nonzero(k[qt]).flatten()
-            ws.append(b)
-            wq.append(qt)
-            idx.append(nz)
-            full.append(k[qt, nz] == FULL)
-            indptr.append(indptr[-1] + nz.numel())
-    dev = p.device
-
-    def i32(x):
-        return torch.as_tensor(x, dtype=torch.int32).to(dev)
-
-    cat = (lambda xs, dt: torch.cat(xs).to(dt) if xs else torch.empty(0, dtype=dt))
-    return TileMap(bq, bk, i32(ws), i32(wq), i32(indptr), cat(idx, torch.int32).to(dev),
-                   cat(full, torch.int8).to(dev), kinds)
-
-
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-              plan: AttentionPlan, *, sm_scale: float | None = None, return_lse: bool = False,
-              backend: str | None = None):
+              plan: AttentionPlan, *, sm_scale: float | None = None, softcap: float = 0.0, window: int | None = None,
+              return_lse: bool = False, backend: str | None = None):
     """Segment-masked attention of each sequence's queries over its paged K/V.
 
     Query token i of a sequence sees key token j iff j's segment is an ancestor of i's segment, or
-    both are in the same segment and j <= i (the plan's `SegmentGraph`). Empty tiles are skipped,
-    full tiles need no mask. Prefill (all tokens are queries) and decode (a few last tokens) are the
-    same call. GQA/MQA: query head h reads KV head ``h // (Hq // Hkv)``.
+    both are in the same segment and j <= i (the plan's `SegmentGraph`), and, with a sliding
+    ``window``, j's position is within ``window - 1`` of i's (``pos_i - pos_j < window``, positions
+    from the graph's segments). Empty tiles are skipped, full tiles need no mask. Prefill (all tokens
+    are queries) and decode (a few last tokens) are the same call. GQA/MQA: query head h reads KV
+    head ``h // (Hq // Hkv)``.
 
     Args:
         q: ``[total_q, Hq, D]`` fp16/bf16 (fp32 on the torch backend); rows of sequence b are
-            ``plan.qo_indptr[b]:plan.qo_indptr[b+1]``, the sequence's last tokens, in order.
+            ``plan.qo_indptr[b]:plan.qo_indptr[b+1]``: the sequence's last tokens in order, or the
+            plan's ``q_tokens``.
         k_cache, v_cache: one layer's pools ``[num_pages, page_size, Hkv, D]``, same dtype as q.
         block_table: int32 ``[B, max_pages]`` page ids of each sequence (enough for its KV length).
         plan: from `plan` for this batch.
         sm_scale: softmax scale, default ``1/sqrt(D)``.
+        softcap: attention-logit soft-capping (Gemma 2): scores ``s = sm_scale * q.k`` become
+            ``softcap * tanh(s / softcap)`` before the softmax; 0 (default) turns it off.
+        window: sliding window in positions (an int >= 1; Mistral / Gemma sliding layers), or None.
         return_lse: also return the log-sum-exp of the scaled scores, float32 ``[total_q, Hq]``, in
             **natural log** (`lse_to_base2` converts). A query that sees nothing gets -inf and a zero
             output.
     Returns:
-        ``out`` ``[total_q, Hq, D]`` in q's dtype, or ``(out, lse)``.
+        ``out`` ``[total_q, Hq, D]`` in q's dtype, or ``(out, lse)``; with ``softcap`` the LSE is
+        that of the capped scores.
 
     Example:
         >>> import torch, kvfuse
@@ -238,14 +375,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     need = -(-plan.max_kv // page_size)
     if block_table.shape[1] < need:
         raise ValueError(f"block_table has {block_table.shape[1]} columns, the longest sequence needs {need} pages")
-    # validated once per (block table, its version, pool size) and plan: every layer of a model step
-    # passes the same table, and each check costs a device round trip
-    seen = getattr(plan, "_checked_table", None)
-    if seen is None or seen[0]() is not block_table or seen[1:] != (block_table._version, k_cache.shape[0]):
-        used = torch.cat([block_table[b, : -(-n // page_size)] for b, n in enumerate(plan.kv_lens_list)])
-        check_in_range("block_table", used, 0, k_cache.shape[0], "page ids")
-        plan._checked_table = (weakref.ref(block_table), block_table._version, k_cache.shape[0])
+    _check_block_table(plan, block_table, k_cache.shape[0], page_size)
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap >= 0 or \
+            softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    if window is not None and (not _is_int(window) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1 (positions), got {window!r}")
 
     b = choose("segment_attention", backend, q=q, k_cache=k_cache, plan=plan)
     tile_shape = meta("segment_attention", b).get("tile_shape")
@@ -253,11 +389,30 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         e = torch.empty(0, dtype=torch.int32, device=q.device)
         tm_args = (e, e, e, e, e.to(torch.int8), 0, 0)
     else:
-        tm = plan.tiles(*tile_shape(d, plan.max_q))
+        tm = plan.tiles(*tile_shape(d, plan.max_q), window)
         tm_args = (tm.work_seq, tm.work_qtile, tm.kt_indptr, tm.kt_index, tm.kt_full, tm.block_q, tm.block_k)
     out, lse = _ops.segment_attention_op(q, k_cache, v_cache, block_table, plan.kv_lens, plan.qo_indptr,
-                                         plan.token_seg, plan.ancestors, *tm_args, sm_scale, b)
+                                         plan.token_seg, plan.ancestors, plan.q_token, plan.token_pos, *tm_args,
+                                         sm_scale, float(softcap), window or 0, b)
     return (out, lse) if return_lse else out
+
+
+def _check_block_table(plan: AttentionPlan, block_table: torch.Tensor, num_pages: int, page_size: int) -> None:
+    """Every page id the plan's sequences use lies in the pool. Checked once per (block table, its
+    version, pool size) and plan: every layer of a model step passes the same table, and each check
+    costs a device round trip. Tensors made under ``torch.inference_mode`` have no version counter:
+    they are checked at every call."""
+    try:
+        version = block_table._version
+    except RuntimeError:
+        version = None
+    seen = getattr(plan, "_checked_table", None)
+    if version is not None and seen is not None and seen[0]() is block_table and seen[1:] == (version, num_pages):
+        return
+    used = torch.cat([block_table[b, : -(-n // page_size)] for b, n in enumerate(plan.kv_lens_list)])
+    check_in_range("block_table", used, 0, num_pages, "page ids")
+    if version is not None:
+        plan._checked_table = (weakref.ref(block_table), version, num_pages)
 
 
 def lse_to_base2(lse: torch.Tensor) -> torch.Tensor:

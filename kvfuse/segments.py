@@ -8,6 +8,11 @@ other in the order given. A token sees
 * the causal past inside its own segment (itself included).
 
 Fork = several segments with the same parent; join = a segment with several parents.
+
+Every segment also has RoPE positions: its tokens sit at ``position, position + 1, ...``
+(``position=None``: where the segment starts in the token order). Positions do not change what a
+token sees, except under a sliding window: with ``window=W`` a query at position ``p`` sees only the
+keys (among those above) at positions ``> p - W``, as Hugging Face's sliding-window layers do.
 """
 
 from __future__ import annotations
@@ -26,19 +31,25 @@ class Segment:
         name: unique name within its graph.
         length: number of tokens (0 allowed: an empty thread).
         parents: names of the segments this one sees entirely.
+        position: RoPE position of its first token (the others follow by one); ``None``: its start in
+            the token order. Only a sliding window (``window=``) reads it.
     """
 
     name: str
     length: int
     parents: tuple[str, ...] = ()
+    position: int | None = None
 
     def __post_init__(self):
         if isinstance(self.parents, str):
             raise TypeError(f"Segment {self.name!r}: parents must be a tuple of names, got the string "
                             f"{self.parents!r} (write ({self.parents!r},))")
         object.__setattr__(self, "parents", tuple(self.parents))
-        if not isinstance(self.length, int) or self.length < 0:
+        if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 0:
             raise ValueError(f"Segment {self.name!r}: length must be an int >= 0, got {self.length!r}")
+        if self.position is not None and (not isinstance(self.position, int) or isinstance(self.position, bool)
+                                          or self.position < 0):
+            raise ValueError(f"Segment {self.name!r}: position must be None or an int >= 0, got {self.position!r}")
 
 
 class SegmentGraph:
@@ -88,6 +99,11 @@ class SegmentGraph:
         self.lengths = lengths
         self.starts = torch.cumsum(lengths, 0) - lengths
         self.num_tokens = int(lengths.sum())
+        # [S] int64: RoPE position of each segment's first token
+        pos = [st if s.position is None else s.position for s, st in zip(segments, self.starts.tolist())]
+        self.positions = torch.tensor(pos, dtype=torch.int64)
+        # what a plan depends on (names do not matter): graphs of equal keys share their plan rows
+        self.shape_key = tuple((s.length, tuple(index[p] for p in s.parents), q) for s, q in zip(segments, pos))
 
     @property
     def num_segments(self) -> int:
@@ -101,23 +117,48 @@ class SegmentGraph:
         """int32 [num_tokens]: segment index of every token."""
         return torch.repeat_interleave(torch.arange(self.num_segments, dtype=torch.int32), self.lengths)
 
-    def dense_mask(self, q_tokens: torch.Tensor | None = None, k_tokens: torch.Tensor | None = None):
+    def token_positions(self) -> torch.Tensor:
+        """int64 [num_tokens]: RoPE position of every token."""
+        seg = self.token_segments().long()
+        return self.positions[seg] + torch.arange(self.num_tokens) - self.starts[seg]
+
+    def dense_mask(self, q_tokens: torch.Tensor | None = None, k_tokens: torch.Tensor | None = None, *,
+                   window: int | None = None):
         """bool [len(q_tokens), len(k_tokens)]: may query token i see key token j (token indices in
-        the composed order; all tokens by default). The reference definition of the mask."""
+        the composed order; all tokens by default), with an optional sliding ``window`` over
+        positions. The reference definition of the mask."""
         seg = self.token_segments().long()
         q = torch.arange(self.num_tokens) if q_tokens is None else q_tokens.long().cpu()
         k = torch.arange(self.num_tokens) if k_tokens is None else k_tokens.long().cpu()
         qs, ks = seg[q], seg[k]
-        return self.ancestors[qs[:, None], ks[None, :]] | ((qs[:, None] == ks[None, :]) & (k[None, :] <= q[:, None]))
+        mask = self.ancestors[qs[:, None], ks[None, :]] | ((qs[:, None] == ks[None, :]) & (k[None, :] <= q[:, None]))
+        if window is not None:
+            pos = self.token_positions()
+            mask &= (pos[q][:, None] - pos[k][None, :]) < window
+        return mask
 
-    def visible_pairs(self, q_len: int | None = None) -> int:
-        """Number of visible (query, key) pairs when the last ``q_len`` tokens are the queries."""
-        q_len = self.num_tokens if q_len is None else q_len
+    def visible_pairs(self, q_len: int | None = None, *, q_tokens: torch.Tensor | None = None,
+                      window: int | None = None) -> int:
+        """Number of visible (query, key) pairs when the last ``q_len`` tokens (or the tokens
+        ``q_tokens``) are the queries, under an optional sliding ``window``."""
+        if q_tokens is None:
+            q_len = self.num_tokens if q_len is None else q_len
+            q = torch.arange(self.num_tokens - q_len, self.num_tokens)
+        else:
+            q = q_tokens.long().cpu()
         seg = self.token_segments().long()
-        anc_tokens = (self.ancestors.long() * self.lengths[None, :]).sum(1)  # [S]
-        q = torch.arange(self.num_tokens - q_len, self.num_tokens)
         qs = seg[q]
-        return int((anc_tokens[qs] + (q - self.starts[qs]) + 1).sum())
+        own = q - self.starts[qs] + 1  # causal past inside the own segment, itself included
+        if window is None:
+            anc_tokens = (self.ancestors.long() * self.lengths[None, :]).sum(1)  # [S]
+            return int((anc_tokens[qs] + own).sum())
+        pos = self.positions[qs] + q - self.starts[qs]  # [Q]
+        lo = pos[:, None] - window + 1  # lowest visible key position
+        first, end = self.positions[None, :], self.positions[None, :] + self.lengths[None, :]
+        per_seg = (end - torch.maximum(first, lo)).clamp(min=0).clamp(max=self.lengths[None, :])
+        anc = (self.ancestors[qs].long() * per_seg).sum(1)
+        own = torch.minimum(own, torch.full_like(own, window))
+        return int((anc + own).sum())
 
     @classmethod
     def fork_join(cls, prefix: int, threads: Sequence[int], join: int = 0) -> SegmentGraph:
@@ -129,5 +170,6 @@ class SegmentGraph:
         return cls(segs)
 
     def __repr__(self):
-        parts = ", ".join(f"{s.name}[{s.length}]<-{list(s.parents)}" for s in self.segments)
+        parts = ", ".join(f"{s.name}[{s.length}]<-{list(s.parents)}" + ("" if s.position is None else f"@{s.position}")
+                          for s in self.segments)
         return f"SegmentGraph({parts})"

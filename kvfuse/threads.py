@@ -53,7 +53,7 @@ from collections.abc import Sequence as _Seq
 
 import torch
 
-from kvfuse.attention import EMPTY, FULL, AttentionPlan, TileMap, _classify
+from kvfuse.attention import AttentionPlan, AttentionSpec
 from kvfuse.compose import SourceSegment, compose, pages_needed
 from kvfuse.paged import gather_kv, slot_view, to_device_async
 from kvfuse.rope import ModelRope, RopeConfig, as_model_rope
@@ -203,6 +203,12 @@ class PagedKVStore:
         vv[..., slots, :, :] = v.to(self.v_cache.dtype)
 
 
+def _segment(s: SegmentInfo, parents: tuple[str, ...] | None = None, length: int | None = None) -> Segment:
+    """The `Segment` of a stored segment (pads get no position: nobody sees them)."""
+    return Segment(s.name, s.length if length is None else length, s.parents if parents is None else parents,
+                   None if s.pad else s.position)
+
+
 def _ids(pages) -> list[int]:
     return pages.tolist() if isinstance(pages, torch.Tensor) else [int(p) for p in pages]
 
@@ -245,11 +251,11 @@ class Sequence:
 
     def graph(self) -> SegmentGraph:
         """The `SegmentGraph` over all stored tokens (pads included: no token sees them)."""
-        return SegmentGraph([Segment(s.name, s.length, s.parents) for s in self.segments])
+        return SegmentGraph([_segment(s) for s in self.segments])
 
     def token_graph(self) -> SegmentGraph:
         """The `SegmentGraph` of the real tokens only (pads removed): the mask a re-prefill uses."""
-        return SegmentGraph([Segment(s.name, s.length, tuple(p for p in s.parents if not self._is_pad(p)))
+        return SegmentGraph([_segment(s, tuple(p for p in s.parents if not self._is_pad(p)))
                              for s in self.segments if not s.pad])
 
     def _is_pad(self, name: str) -> bool:
@@ -571,15 +577,35 @@ def batch_plan(rows: _Seq[Sequence], q_len: int | _Seq[int], *, hogwild: bool = 
         tables, views = _hogwild_views(rows, q_lens)
     else:
         tables = [r.pages for r in rows]
-        views = [[Segment(s.name, s.length, s.parents) for s in r.segments] for r in rows]
-    p = _BatchAttentionPlan(views, q_lens, tables, store.device)
-    return BatchPlan(p.block_table, p)
+        views = [[_segment(s) for s in r.segments] for r in rows]
+    # rows of one shape (sibling threads in lockstep) share one SegmentGraph: the plan then describes
+    # and classifies them once
+    graphs, shapes = [], {}
+    for segs in views:
+        index = {s.name: i for i, s in enumerate(segs)}
+        key = tuple((s.length, tuple(index.get(p, -1) for p in s.parents), s.position) for s in segs)
+        g = shapes.get(key)
+        if g is None:
+            g = shapes[key] = SegmentGraph(segs)  # validates names, parents and cycles
+        graphs.append(g)
+    p = AttentionPlan(AttentionSpec(graphs, q_lens, device=store.device))
+    return BatchPlan(_block_table(tables, store.device), p)
+
+
+def _block_table(tables: list[list[int]], device) -> torch.Tensor:
+    """int32 ``[B, max_pages]`` from host page lists (zero-padded), in one non-blocking copy."""
+    width = max(1, max(len(t) for t in tables))
+    flat = array.array("i")  # page lists -> int32 without a Python loop over the pages
+    for t in tables:
+        flat.extend(t)
+        flat.extend(_ZERO * (width - len(t)))
+    return to_device_async(torch.frombuffer(flat, dtype=torch.int32), torch.device(device)).view(len(tables), width)
 
 
 def _hogwild_views(rows, q_lens):
     ps = rows[0].store.page_size
     k, n_pre = _common_prefix(rows)
-    prefix = [Segment(s.name, s.length, s.parents) for s in rows[0].segments[:k]]
+    prefix = [_segment(s) for s in rows[0].segments[:k]]
     tables, views = [], []
     for i, r in enumerate(rows):
         pages = list(r.pages[: n_pre // ps])
@@ -593,7 +619,7 @@ def _hogwild_views(rows, q_lens):
             for s in o.segments[k:]:
                 take = min(s.length, left)
                 if take > 0:
-                    rest.append(Segment(s.name, take, s.parents))
+                    rest.append(_segment(s, length=take))
                     if not s.pad:
                         seen.append(s.name)
                 left -= take
@@ -604,8 +630,8 @@ def _hogwild_views(rows, q_lens):
                 rest.append(Segment(f"{o.segments[-1].name}~hogwild-pad", stored - visible))
             segs += rest
             pages += o.pages[n_pre // ps: n_pre // ps + stored // ps]
-        own = [Segment(s.name, s.length, s.parents) for s in r.segments[k:]]
-        own[-1] = Segment(own[-1].name, own[-1].length, tuple(own[-1].parents) + tuple(seen))
+        own = [_segment(s) for s in r.segments[k:]]
+        own[-1] = dataclasses.replace(own[-1], parents=tuple(own[-1].parents) + tuple(seen))
         segs += own
         pages += r.pages[n_pre // ps:]
         tables.append(pages)
@@ -614,119 +640,3 @@ def _hogwild_views(rows, q_lens):
 
 
 _ZERO = array.array("i", [0])
-
-
-class _BatchAttentionPlan(AttentionPlan):
-    """The `AttentionPlan` of ``plan(AttentionSpec(graphs, q_lens, device))`` for the given segment
-    lists, built for a decode step (the host cost of every step of a batched decode):
-
-    * rows with the same shape (segment lengths, parent structure, q_len: sibling threads decoding
-      in lockstep) share one `SegmentGraph`, one ancestor matrix and one tile classification;
-    * ``token_seg`` (``[B, max_kv]``, the largest tensor) is computed on the device from the
-      segments' end offsets instead of being filled on the host and copied;
-    * the host metadata (block table, lengths, ancestors) goes to the device in one pinned,
-      non-blocking copy, and each tile map in another; nothing waits for the device.
-
-    The per-row graphs (`graphs`, used by `visible_pairs`) are built on first access.
-    """
-
-    def __init__(self, views: list[list[Segment]], q_lens: list[int], tables: list[list[int]], device):
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:  # as AttentionPlan: "cuda" means the current device
-            dev = torch.device("cuda", torch.cuda.current_device())
-        self.device = dev
-        self._views = views
-        self._graphs = None
-        self._tiles = {}
-        keys, classes, row_class = {}, [], []
-        for segs, ql in zip(views, q_lens):
-            index = {s.name: i for i, s in enumerate(segs)}
-            if len(index) != len(segs):
-                SegmentGraph(segs)  # raises: duplicate names
-            key = (ql,) + tuple((s.length, tuple(index.get(p, -1) for p in s.parents)) for s in segs)
-            c = keys.get(key)
-            if c is None:
-                c = keys[key] = len(classes)
-                classes.append(SegmentGraph(segs))  # validates names, parents and cycles
-            row_class.append(c)
-        self._classes, self._row_class = classes, row_class
-        kv = [classes[c].num_tokens for c in row_class]
-        for i, (ql, n) in enumerate(zip(q_lens, kv)):
-            if not 0 <= ql <= n:
-                raise ValueError(f"q_len of row {i} ({ql}) must lie in [0, kv_len={n}]")
-        B = len(views)
-        self.q_lens, self.kv_lens_list = list(q_lens), kv
-        self.batch_size, self.total_q, self.max_kv, self.max_q = B, sum(q_lens), max(kv), max(q_lens)
-        S = max(g.num_segments for g in classes)
-        width = max(1, max(len(t) for t in tables))
-        W = max(self.max_kv, 1)
-        # per row shape: ancestors [S, S] and the segment of every token [W] (-1 past its end)
-        anc = torch.zeros(len(classes), S, S, dtype=torch.int32)
-        seg = torch.full((len(classes), W), -1, dtype=torch.int32)
-        for c, g in enumerate(classes):
-            anc[c, : g.num_segments, : g.num_segments] = g.ancestors.to(torch.int32)
-            seg[c, : g.num_tokens] = g.token_segments()
-        qo = torch.zeros(B + 1, dtype=torch.int32)
-        qo[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
-        flat = array.array("i")  # page lists -> int32 without a Python loop over the pages
-        for t in tables:
-            flat.extend(t)
-            flat.extend(_ZERO * (width - len(t)))
-        bt = torch.frombuffer(flat, dtype=torch.int32)
-        # one int32 host buffer, one copy: qo_indptr | kv_lens | row shape | block table | ancestors | token_seg
-        host = torch.cat([qo, torch.tensor(kv + row_class, dtype=torch.int32), bt, anc.flatten(),
-                          seg.flatten()])
-        buf = to_device_async(host, dev)
-        sizes = (B + 1, B, B, B * width, anc.numel(), seg.numel())
-        qo, kv_d, rc, bt, anc, seg = torch.split(buf, sizes)
-        self.qo_indptr, self.kv_lens, self.block_table = qo, kv_d, bt.view(B, width)
-        rc = rc.long()
-        self.ancestors = anc.view(-1, S, S)[rc].to(torch.uint8)
-        self.token_seg = seg.view(-1, W)[rc]
-
-    @property
-    def graphs(self) -> list[SegmentGraph]:
-        if self._graphs is None:
-            self._graphs = [SegmentGraph(v) for v in self._views]
-        return self._graphs
-
-    def visible_pairs(self) -> int:
-        return sum(self._classes[c].visible_pairs(ql) for c, ql in zip(self._row_class, self.q_lens))
-
-    def tiles(self, block_q: int, block_k: int) -> TileMap:
-        key = (block_q, block_k)
-        if key not in self._tiles:
-            self._tiles[key] = self._tile_map(block_q, block_k)
-        return self._tiles[key]
-
-    def _tile_map(self, bq: int, bk: int) -> TileMap:
-        """The tile map of `AttentionPlan.tiles`, classifying each row shape once."""
-        per_class = []
-        for g, ql in self._class_q_lens():
-            k = _classify(g, ql, bq, bk)
-            nz = k != EMPTY
-            per_class.append((k, nz.sum(1).to(torch.int32), torch.nonzero(nz)[:, 1].to(torch.int32),
-                              (k[nz] == FULL).to(torch.int32)))
-        ws, wq, counts, idx, full, kinds = [], [], [], [], [], []
-        for b, c in enumerate(self._row_class):
-            k, cnt, ix, fl = per_class[c]
-            ws.append(torch.full((k.shape[0],), b, dtype=torch.int32))
-            wq.append(torch.arange(k.shape[0], dtype=torch.int32))
-            counts.append(cnt)
-            idx.append(ix)
-            full.append(fl)
-            kinds.append(k)
-        ws, wq, counts, idx, full = (torch.cat(x) for x in (ws, wq, counts, idx, full))
-        indptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
-        indptr[1:] = counts.cumsum(0)
-        buf = to_device_async(torch.cat([ws, wq, indptr, idx, full]), self.device)
-        n_w, n_k = ws.numel(), idx.numel()
-        o = [0, n_w, 2 * n_w, 3 * n_w + 1, 3 * n_w + 1 + n_k, 3 * n_w + 1 + 2 * n_k]
-        ws, wq, indptr, idx, full = (buf[o[i]: o[i + 1]] for i in range(5))
-        return TileMap(bq, bk, ws, wq, indptr, idx, full.to(torch.int8), kinds)
-
-    def _class_q_lens(self):
-        ql = {}
-        for c, q in zip(self._row_class, self.q_lens):
-            ql.setdefault(c, q)
-        return [(g, ql[c]) for c, g in enumerate(self._classes)]

@@ -12,6 +12,6 @@ namespace kvfuse {
   template cudaError_t compose_copy<T>(const ComposeArgs&, cudaStream_t);         \
   template cudaError_t merge_states<T>(const MergeStatesArgs&, cudaStream_t);
 KVFUSE_POOL_TYPES(KVFUSE_INST_POOL)
-template cudaError_t decode_attention<__half>(const DecodeArgs&, int, cudaStream_t, int);
-template cudaError_t decode_attention<__nv_bfloat16>(const DecodeArgs&, int, cudaStream_t, int);
+template cudaError_t decode_attention<__half>(const DecodeArgs&, int, cudaStream_t);
+template cudaError_t decode_attention<__nv_bfloat16>(const DecodeArgs&, int, cudaStream_t);
 }  // namespace kvfuse

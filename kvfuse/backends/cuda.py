@@ -100,7 +100,8 @@ def merge_states(v_a, s_a, v_b, s_b):
 
 
 @register("segment_attention", "cuda", reasons=_attention_reasons, tile_shape=_tile_shape)
-def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, work_seq,
-                      work_qtile, kt_indptr, kt_index, kt_full, block_q, block_k, sm_scale):
-    return _C.segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors,
-                                work_seq, work_qtile, kt_indptr, kt_index, kt_full, block_q, block_k, sm_scale)
+def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, q_token, token_pos,
+                      work_seq, work_qtile, kt_indptr, kt_index, kt_full, block_q, block_k, sm_scale, softcap, window):
+    return _C.segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg.contiguous(),
+                                ancestors, q_token, token_pos.contiguous(), work_seq, work_qtile, kt_indptr, kt_index,
+                                kt_full, block_q, block_k, sm_scale, softcap, window)

@@ -67,7 +67,8 @@ def kvfuse_attention(ctx: Ctx, backend: str, out_rows=None) -> Callable:
             t = plan.tiles(*tile_shape(q.shape[-1], plan.max_q))
             tm = (t.work_seq, t.work_qtile, t.kt_indptr, t.kt_index, t.kt_full, t.block_q, t.block_k)
         return lambda: _ops.segment_attention_op(q, k, v, bt, plan.kv_lens, plan.qo_indptr, plan.token_seg,
-                                                 plan.ancestors, *tm, scale, backend)[0]
+                                                 plan.ancestors, plan.q_token, plan.token_pos, *tm, scale, 0.0, 0,
+                                                 backend)[0]
 
     return make
 

@@ -72,10 +72,18 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr, acc=None):
 
 
 @triton.jit
-def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr, n, qseg,
-          qtok, r_ok, kvh, qk_scale, HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
-          PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
-    """One key tile of the online softmax: scores, the element mask on partial tiles, rescale, P @ V.
+def _tanh(x):
+    """tanh from exp (the interpreter and every target have exp): 1 - 2 / (e^2x + 1), exact at +-inf."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, pos_base, kt_index_ptr, n, qseg,
+          qtok, qpos, r_ok, kvh, qk_scale, window, cap_pre, cap_mul, HKV: tl.constexpr, PAGE: tl.constexpr,
+          D: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+          TMA: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One key tile of the online softmax: scores (soft-capped), the element mask (segments, sliding
+    window) on partial tiles, rescale, P @ V.
 
     TMA (the key tile lies inside one page): K and V come through tensor descriptors over the pool
     viewed as ``[P * page_size, Hkv * D]``, one bulk copy per tile; otherwise token by token through
@@ -93,10 +101,15 @@ def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_ind
         kv_row = ((page.to(tl.int64) * PAGE + ktok % PAGE) * HKV + kvh) * D
         k = tl.load(k_ptr + kv_row[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
     s = _dot(q, tl.trans(k), PREC, UPCAST)  # unscaled; the scale is folded into the exponent below
+    if SOFTCAP:  # softcap * tanh(sm_scale * s / softcap), in base 2 (qk_scale is 1 then)
+        s = _tanh(s * cap_pre) * cap_mul
     if MASK:
         kseg = tl.load(seg_base + ktok, mask=k_ok, other=-2)
         anc = tl.load(anc_base[:, None] + kseg[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0)
         vis = (anc != 0) | ((qseg[:, None] == kseg[None, :]) & (ktok[None, :] <= qtok[:, None]))
+        if WINDOW:
+            kpos = tl.load(pos_base + ktok, mask=k_ok, other=0)
+            vis = vis & ((qpos[:, None] - kpos[None, :]) < window)
         s = tl.where(vis & k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
@@ -118,14 +131,15 @@ def _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_ind
 
 # sizes that change from step to step while decoding are not specialised on (divisibility by 16,
 # == 1): each new specialisation is a compile of seconds in the middle of a decode loop
-@triton.jit(do_not_specialize=["num_work", "bt_stride", "seg_stride", "num_segs", "total_q"])
-def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr, seg_ptr, anc_ptr,
+@triton.jit(do_not_specialize=["num_work", "bt_stride", "seg_stride", "num_segs", "total_q", "window"])
+def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr, seg_ptr, anc_ptr, qtok_ptr, pos_ptr,
                  work_seq_ptr, work_qtile_ptr, kt_indptr_ptr, kt_index_ptr, nfull_ptr,
-                 qk_scale, num_work, bt_stride, seg_stride, num_segs, total_q,
+                 qk_scale, window, cap_pre, cap_mul, num_work, bt_stride, seg_stride, num_segs, total_q,
                  HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
                  D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, GP: tl.constexpr, HPP: tl.constexpr,
                  BM: tl.constexpr, NSPLIT: tl.constexpr, PREC: tl.constexpr,
-                 INTERP: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False):
+                 INTERP: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False,
+                 WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False):
     hb = tl.program_id(0)
     w = num_work - 1 - tl.program_id(1)  # the last query tiles have the most key tiles: start them first
     split = tl.program_id(2)
@@ -143,7 +157,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr,
     r_ok = (t < BQ) & (rows < q_len) & (g < HPP)
     head = hb * HPP + g
     kvh = (hb * HPP) // GROUP
-    qtok = n - q_len + rows
+    qtok = tl.load(qtok_ptr + q0 + rows, mask=r_ok, other=0)
     d = tl.arange(0, D)
 
     q_row = (q0 + rows).to(tl.int64) * HQ + head
@@ -151,6 +165,10 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr,
     qseg = tl.load(seg_ptr + b.to(tl.int64) * seg_stride + qtok, mask=r_ok, other=-1)
     anc_base = anc_ptr + b.to(tl.int64) * num_segs * num_segs + qseg * num_segs
     seg_base = seg_ptr + b.to(tl.int64) * seg_stride
+    pos_base = pos_ptr + b.to(tl.int64) * seg_stride
+    qpos = qtok
+    if WINDOW:
+        qpos = tl.load(pos_base + qtok, mask=r_ok, other=0)
     bt_base = bt_ptr + b.to(tl.int64) * bt_stride
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -170,21 +188,25 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bt_ptr, kvlen_ptr, qo_ptr,
     if INTERP:
         i = i0
         while i < fa:
-            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, False, TMA)
+            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, pos_base,
+                                  kt_index_ptr, n, qseg, qtok, qpos, r_ok, kvh, qk_scale, window, cap_pre, cap_mul,
+                                  HKV, PAGE, D, BK, PREC, INTERP, False, TMA, WINDOW, SOFTCAP)
             i += 1
         i = pb
         while i < i1:
-            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, True, TMA)
+            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, pos_base,
+                                  kt_index_ptr, n, qseg, qtok, qpos, r_ok, kvh, qk_scale, window, cap_pre, cap_mul,
+                                  HKV, PAGE, D, BK, PREC, INTERP, True, TMA, WINDOW, SOFTCAP)
             i += 1
     else:
         for i in tl.range(i0, fa, warp_specialize=WS):
-            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, False, TMA)
+            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, pos_base,
+                                  kt_index_ptr, n, qseg, qtok, qpos, r_ok, kvh, qk_scale, window, cap_pre, cap_mul,
+                                  HKV, PAGE, D, BK, PREC, INTERP, False, TMA, WINDOW, SOFTCAP)
         for i in range(pb, i1):
-            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, kt_index_ptr,
-                                  n, qseg, qtok, r_ok, kvh, qk_scale, HKV, PAGE, D, BK, PREC, INTERP, True, TMA)
+            m_i, l_i, acc = _tile(i, q, m_i, l_i, acc, k_ptr, v_ptr, bt_base, seg_base, anc_base, pos_base,
+                                  kt_index_ptr, n, qseg, qtok, qpos, r_ok, kvh, qk_scale, window, cap_pre, cap_mul,
+                                  HKV, PAGE, D, BK, PREC, INTERP, True, TMA, WINDOW, SOFTCAP)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -244,7 +266,8 @@ def _kernel(decode: bool, head_dim: int):
         return _attn_kernel, dict(num_warps=4)
     key = (decode, head_dim)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(_configs(decode, head_dim), key=["D", "BK", "BM", "GP", "NSPLIT", "PAGE", "TMA"])(
+        _TUNED[key] = triton.autotune(_configs(decode, head_dim),
+                                      key=["D", "BK", "BM", "GP", "NSPLIT", "PAGE", "TMA", "WINDOW", "SOFTCAP"])(
             _attn_kernel)
     return _TUNED[key], {}
 
@@ -304,15 +327,21 @@ def _descriptor(cache: torch.Tensor, block_k: int):
     return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_k, d])
 
 
-def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, work_seq,
-                      work_qtile, kt_indptr, kt_index, kt_full, block_q: int, block_k: int, sm_scale: float):
+def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, q_token, token_pos,
+                      work_seq, work_qtile, kt_indptr, kt_index, kt_full, block_q: int, block_k: int, sm_scale: float,
+                      softcap: float = 0.0, window: int = 0):
     """Segment-masked attention over a paged pool with the plan's tile map.
 
     q ``[total_q, Hq, D]`` fp16/bf16/fp32; k_cache/v_cache contiguous ``[P, page_size, Hkv, D]``;
     block_table int32 ``[B, max_pages]``; kv_lens int32 ``[B]``; qo_indptr int32 ``[B+1]``; token_seg
-    int32 ``[B, max_kv]``; ancestors uint8 ``[B, S, S]``; the tile map from ``plan.tiles(block_q, block_k)``.
+    and token_pos int32 ``[B, max_kv]`` (contiguous, one stride); ancestors uint8 ``[B, S, S]``;
+    q_token int32 ``[total_q]``; the tile map from ``plan.tiles(block_q, block_k, window or None)``;
+    ``softcap`` 0 / ``window`` 0 turn soft-capping / the sliding window off.
     Returns ``(out [total_q, Hq, D] in q.dtype, lse [total_q, Hq] float32 natural log)``.
     """
+    token_seg, token_pos = token_seg.contiguous(), token_pos.contiguous()
+    if token_pos.shape != token_seg.shape:
+        raise ValueError(f"token_pos {tuple(token_pos.shape)} must be shaped like token_seg {tuple(token_seg.shape)}")
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     total_q, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
@@ -342,11 +371,16 @@ def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, toke
         l_dst = torch.empty(nsplit, total_q, hq, dtype=torch.float32, device=q.device)
     else:
         o_dst, l_dst = out, lse
-    kernel[grid](q, k_arg, v_arg, o_dst, l_dst, block_table, kv_lens, qo_indptr, token_seg, ancestors,
-                 work_seq, work_qtile, kt_indptr, kt_order, n_full, float(sm_scale) * LOG2E, work,
-                 block_table.stride(0), token_seg.stride(0), ancestors.shape[-1], total_q,
+    if softcap:  # the kernel computes softcap * tanh(sm_scale * s / softcap) directly in base 2
+        qk_scale, cap_pre, cap_mul = 1.0, float(sm_scale) / softcap, softcap * LOG2E
+    else:
+        qk_scale, cap_pre, cap_mul = float(sm_scale) * LOG2E, 0.0, 0.0
+    kernel[grid](q, k_arg, v_arg, o_dst, l_dst, block_table, kv_lens, qo_indptr, token_seg, ancestors, q_token,
+                 token_pos, work_seq, work_qtile, kt_indptr, kt_order, n_full, qk_scale, int(window), cap_pre, cap_mul,
+                 work, block_table.stride(0), token_seg.stride(0), ancestors.shape[-1], total_q,
                  HQ=hq, HKV=hkv, GROUP=group, PAGE=page, D=d, BQ=block_q, BK=block_k, GP=gp, HPP=hpp, BM=bm,
-                 NSPLIT=nsplit, PREC=prec, INTERP=interpreting(), TMA=tma, **launch)
+                 NSPLIT=nsplit, PREC=prec, INTERP=interpreting(), TMA=tma, WINDOW=bool(window),
+                 SOFTCAP=bool(softcap), **launch)
     if nsplit > 1:
         rows = total_q * hq
         block_r = 16 if q.device.type == "cpu" else max(1, 2048 // d)

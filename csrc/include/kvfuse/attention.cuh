@@ -30,9 +30,18 @@
 // a float32 partial (O, LSE) that merge_splits_kernel combines.
 //
 // Mask: query token i sees key token j iff ancestors[b, seg_i, seg_j] or (seg_i == seg_j and j <= i),
-// applied only in chunks of partial tiles (kt_full == 0) and chunks that run past kv_len. Queries of
-// sequence b are its last q_len tokens. LSE is float32 natural log; a query that sees nothing gets
-// output 0 and LSE -inf.
+// and with a sliding window, pos_i - pos_j < window; applied only in chunks of partial tiles
+// (kt_full == 0) and chunks that run past kv_len (the plan classifies a tile full only when the window
+// holds for all its pairs). Query row r of sequence b is token q_token[r]. Soft-capping (softcap_mul
+// != 0) replaces the scaled score s by softcap * tanh(s / softcap). LSE is float32 natural log; a
+// query that sees nothing gets output 0 and LSE -inf.
+//
+// Latency trims (measured on the H200, BENCH_TARGETS section 4, 32 x 32768 tokens, bf16, page 16: 4.17 /
+// 4.09 TB/s without / with the cross-thread mask, against 3.29 / 3.23 for the straightforward
+// schedule and 4.03 / 3.97 with a third block per SM): S = Q K^T in 4 independent mma chains (2
+// partial sums per key tile), K (and Q) fragments loaded one k-step ahead, V's first two fragments
+// before the softmax and the rest two steps ahead, the O rescale skipped when no row max of the warp
+// moved, page ids by shift/mask when page_size is a power of two.
 #pragma once
 
 #include <climits>
@@ -58,6 +67,11 @@ struct DecodeArgs {
   const int32_t* kt_indptr;   // [W + 1]
   const int32_t* kt_index;    // non-empty key tiles
   const int8_t* kt_full;
+  const int32_t* q_token;     // [total_q] token index of each query row
+  const int32_t* token_pos;   // [B, seg_stride] RoPE position of each token (read with a window)
+  int window;                 // sliding window in positions, 0: none
+  float softcap_pre;          // sm_scale / softcap (softcap_mul != 0)
+  float softcap_mul;          // softcap * log2(e); 0: no soft-capping
   int num_work, block_q, block_k;
   int page_size, num_qo_heads, num_kv_heads;
   float scale_log2;           // sm_scale * log2(e)
@@ -76,47 +90,24 @@ constexpr int kDecodeRows = 16;                  // rows of a block: M of mma.m1
 constexpr int kDecodeChunk = 16 * kDecodeWarps;  // keys of one pipeline stage, 16 per warp
 constexpr float kLn2 = 0.69314718055994530942f;
 
-// Compile-time variants of the kernel (launcher argument / KVFUSE_CUDA_DECODE_VARIANT); variants other
-// than 0 are instantiated for head_dim 128 only, head_dim 64 and 256 always run variant 0.
-//   0: the reference layout: 3 stages (head_dim 128), 2 blocks (8 warps) per SM, Q's fragments in
-//      registers, one dependent mma chain per 8-key tile of S = Q K^T, each K/V fragment loaded right
-//      before its mma.
-//   1: same occupancy, latency trimmed ("tuned"): S = Q K^T in 4 independent chains (2 partial sums
-//      per key tile), K (and Q) fragments loaded one k-step ahead, V's first two before the softmax
-//      and the rest two steps ahead, the O rescale skipped when no row max of the warp moved, page
-//      id by shift/mask when page_size is a power of two.
-//   2: variant 1 at 3 blocks (12 warps) per SM: 2 stages (64 KiB + 4 KiB of Q), <= 168 registers,
-//      so Q is re-read from shared memory per k-step (with Q in registers ptxas spilled).
-//   3: variant 0's code at variant 2's occupancy (2 stages, 3 blocks per SM, Q from shared memory):
-//      separates the occupancy effect from the latency trims.
-// H200, BENCH_TARGETS §4 (32 x 32768, bf16, page 16; bench/gpu_decode_check.py), TB/s no mask / mask:
-// v0 3.29 / 3.23, v1 4.17 / 4.09, v2 4.03 / 3.97, v3 3.68 / 3.60: the latency trims are worth more
-// than the third block per SM, and the third block's 2-stage pipeline costs more than it buys on
-// top of them. Default: variant 1.
-constexpr int kDecodeVariants = 4;
-constexpr int kDecodeDefaultVariant = 1;
-
-template <int D, int V = 0>
+template <int D>
 struct DecodeConfig {
   static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
-  static_assert(V >= 0 && V < kDecodeVariants, "unknown decode variant");
-  static_assert(V == 0 || D == 128, "variants other than 0 exist for head_dim 128 only");
   static constexpr int kRowChunks = D / 8;  // 16-byte chunks of one K/V/Q row (>= 8: the swizzle needs 8)
-  static constexpr bool kTuned = V == 1 || V == 2;   // ILP chains, fragments one step ahead, lazy rescale, pow2 pages
-  static constexpr int kStages = V >= 2 ? 2 : (D == 64 ? 4 : (D == 128 ? 3 : 2));
+  static constexpr int kStages = D == 64 ? 4 : (D == 128 ? 3 : 2);
   static constexpr int kTileBytes = kDecodeChunk * D * 2;  // K (or V) of one stage
   static constexpr int kStageBytes = 2 * kTileBytes;
   // Q's A fragments stay in registers for head_dim <= 128; Q then lives in the last stage until they
   // are loaded (that stage is first written by the main loop's first issue, after a barrier). At
   // head_dim 256 the fragments would take 64 more registers (ptxas spilled), so Q keeps its own
   // shared rows and is re-read with ldmatrix for every chunk (cheap next to the K/V traffic).
-  static constexpr bool kQInRegs = D <= 128 && V < 2;
+  static constexpr bool kQInRegs = D <= 128;
   static constexpr int kQOffset = kQInRegs ? (kStages - 1) * kStageBytes : kStages * kStageBytes;
   static constexpr int kPipeBytes = kStages * kStageBytes + (kQInRegs ? 0 : kDecodeRows * D * 2);
   static constexpr int kMergeStride = D + 8;  // floats per row of the warps' merge buffer (padded)
   static constexpr int kMergeBytes = kDecodeWarps * kDecodeRows * (kMergeStride + 2) * 4;
   static constexpr int kSmemBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
-  static constexpr int kMinBlocks = V >= 2 ? 3 : (D <= 128 ? 2 : 1);
+  static constexpr int kMinBlocks = D <= 128 ? 2 : 1;
   static_assert(kStages >= 2, "the pipeline needs two stages");
 };
 
@@ -237,10 +228,10 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
 
 }  // namespace detail
 
-template <typename T, int D, int V>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeConfig<D, V>::kMinBlocks)
+template <typename T, int D>
+__global__ void __launch_bounds__(kDecodeThreads, DecodeConfig<D>::kMinBlocks)
 decode_attention_kernel(const DecodeArgs a) {
-  using Cfg = DecodeConfig<D, V>;
+  using Cfg = DecodeConfig<D>;
   constexpr int S = Cfg::kStages;
   constexpr int RC = Cfg::kRowChunks;
   constexpr int KSTEPS = D / 16;                               // k16 steps of Q K^T, d16 steps of P V
@@ -326,7 +317,7 @@ decode_attention_kernel(const DecodeArgs a) {
       nx_kend = min(min(tb + a.block_k, n), nx_k0 + kDecodeChunk);
       nx_full = a.kt_full[ti] != 0;
     }
-    if (Cfg::kTuned && ps_pow2) {  // block-uniform
+    if (ps_pow2) {  // block-uniform
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) {
         const int key = nx_k0 + key_lo + i * KEY_STRIDE;
@@ -368,17 +359,20 @@ decode_attention_kernel(const DecodeArgs a) {
   }
   fetch(S - 1);
 
-  // Row metadata of this lane's two rows (g, g + 8).
-  int qpos[2], qseg[2];
+  // Row metadata of this lane's two rows (g, g + 8): token index, segment, position.
+  const int32_t* tpos = a.token_pos + b * a.seg_stride;
+  int qpos[2], qseg[2], qrp[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int rr = row0 + g + 8 * h;
     if (rr < nrows) {
-      qpos[h] = n - qlen + qi0 + rr / G;
+      qpos[h] = a.q_token[q0 + qi0 + rr / G];
       qseg[h] = seg[qpos[h]];
+      qrp[h] = a.window ? tpos[qpos[h]] : 0;
     } else {
       qpos[h] = -1;
       qseg[h] = 0;
+      qrp[h] = 0;
     }
   }
 
@@ -423,48 +417,43 @@ decode_attention_kernel(const DecodeArgs a) {
 
     // S = Q K^T for the warp's keys: s[j] covers keys kw + 8j .. kw + 8j + 7.
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    uint32_t vb[2][4];  // (tuned) V fragments of the first two d16 steps, loaded before the softmax
-    if constexpr (!Cfg::kTuned) {
+    uint32_t vb[2][4];  // V fragments of the first two d16 steps, loaded before the softmax
+    // Four independent chains (key tile j x parity of kk) instead of two; the K (and, without Q in
+    // registers, Q) fragments of step kk + 1 are requested before the mmas of step kk.
+    float s2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    uint32_t kb[2][4], qb[2][4];
+    detail::ldmatrix_x4(kb[0], ks + detail::swz<RC>(k_row, k_csel));
+    if constexpr (!Cfg::kQInRegs) detail::ldmatrix_x4(qb[0], q_smem + detail::swz<RC>(q_row, q_csel));
 #pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        uint32_t kb[4];
-        detail::ldmatrix_x4(kb, ks + detail::swz<RC>(k_row, 2 * kk + k_csel));
-        const int qk = Cfg::kQInRegs ? kk : 0;
-        if constexpr (!Cfg::kQInRegs) detail::ldmatrix_x4(qf[0], q_smem + detail::swz<RC>(q_row, 2 * kk + q_csel));
-        detail::mma16816<T>(s[0], qf[qk], kb[0], kb[1]);
-        detail::mma16816<T>(s[1], qf[qk], kb[2], kb[3]);
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      const int cur = kk & 1;
+      if (kk + 1 < KSTEPS) {
+        detail::ldmatrix_x4(kb[cur ^ 1], ks + detail::swz<RC>(k_row, 2 * (kk + 1) + k_csel));
+        if constexpr (!Cfg::kQInRegs)
+          detail::ldmatrix_x4(qb[cur ^ 1], q_smem + detail::swz<RC>(q_row, 2 * (kk + 1) + q_csel));
       }
-    } else {
-      // Four independent chains (key tile j x parity of kk) instead of two; the K (and, without Q in
-      // registers, Q) fragments of step kk + 1 are requested before the mmas of step kk.
-      float s2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-      uint32_t kb[2][4], qb[2][4];
-      detail::ldmatrix_x4(kb[0], ks + detail::swz<RC>(k_row, k_csel));
-      if constexpr (!Cfg::kQInRegs) detail::ldmatrix_x4(qb[0], q_smem + detail::swz<RC>(q_row, q_csel));
-#pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        const int cur = kk & 1;
-        if (kk + 1 < KSTEPS) {
-          detail::ldmatrix_x4(kb[cur ^ 1], ks + detail::swz<RC>(k_row, 2 * (kk + 1) + k_csel));
-          if constexpr (!Cfg::kQInRegs)
-            detail::ldmatrix_x4(qb[cur ^ 1], q_smem + detail::swz<RC>(q_row, 2 * (kk + 1) + q_csel));
-        }
-        const uint32_t(&qa)[4] = Cfg::kQInRegs ? qf[Cfg::kQInRegs ? kk : 0] : qb[cur];
-        float(&acc)[2][4] = cur ? s2 : s;
-        detail::mma16816<T>(acc[0], qa, kb[cur][0], kb[cur][1]);
-        detail::mma16816<T>(acc[1], qa, kb[cur][2], kb[cur][3]);
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] += s2[j][e];
-      detail::ldmatrix_x4_trans(vb[0], vs + detail::swz<RC>(v_row, v_csel));  // V does not wait for P
-      detail::ldmatrix_x4_trans(vb[1], vs + detail::swz<RC>(v_row, 2 + v_csel));
+      const uint32_t(&qa)[4] = Cfg::kQInRegs ? qf[Cfg::kQInRegs ? kk : 0] : qb[cur];
+      float(&acc)[2][4] = cur ? s2 : s;
+      detail::mma16816<T>(acc[0], qa, kb[cur][0], kb[cur][1]);
+      detail::mma16816<T>(acc[1], qa, kb[cur][2], kb[cur][3]);
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] *= a.scale_log2;
+      for (int e = 0; e < 4; ++e) s[j][e] += s2[j][e];
+    detail::ldmatrix_x4_trans(vb[0], vs + detail::swz<RC>(v_row, v_csel));  // V does not wait for P
+    detail::ldmatrix_x4_trans(vb[1], vs + detail::swz<RC>(v_row, 2 + v_csel));
+    if (a.softcap_mul != 0.f) {  // softcap * tanh(sm_scale * s / softcap), in base 2
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = tanhf(s[j][e] * a.softcap_pre) * a.softcap_mul;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] *= a.scale_log2;
+    }
 
     if (!full || kend - k0 < kDecodeChunk) {
 #pragma unroll
@@ -474,11 +463,13 @@ decode_attention_kernel(const DecodeArgs a) {
           const int key = kw + 8 * j + 2 * t4 + e;
           const bool in = key < kend;
           const int ks_ = in && !full ? seg[key] : 0;
+          const int kp_ = in && !full && a.window ? tpos[key] : 0;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             bool vis = in;
             if (vis && !full)
-              vis = (ks_ == qseg[h] && key <= qpos[h]) || anc[qseg[h] * a.num_segs + ks_] != 0;
+              vis = ((ks_ == qseg[h] && key <= qpos[h]) || anc[qseg[h] * a.num_segs + ks_] != 0) &&
+                    (a.window == 0 || qrp[h] - kp_ < a.window);
             if (!vis) s[j][2 * h + e] = -INFINITY;
           }
         }
@@ -505,9 +496,9 @@ decode_attention_kernel(const DecodeArgs a) {
       }
 #pragma unroll
     for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + rs[h];
-    // corr is exactly 1 where a row max did not move (exp2 of 0); tuned: skip the rescale when that
-    // holds for every row of the warp (the common case once the max has settled).
-    if (!Cfg::kTuned || __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+    // corr is exactly 1 where a row max did not move (exp2 of 0): skip the rescale when that holds for
+    // every row of the warp (the common case once the max has settled).
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         o[i][0] *= corr[0];
@@ -520,28 +511,18 @@ decode_attention_kernel(const DecodeArgs a) {
     // of columns 0-7 / 8-15.
     const uint32_t pa[4] = {detail::pack2<T>(s[0][0], s[0][1]), detail::pack2<T>(s[0][2], s[0][3]),
                             detail::pack2<T>(s[1][0], s[1][1]), detail::pack2<T>(s[1][2], s[1][3])};
-    if constexpr (!Cfg::kTuned) {
+    // Steps kk and kk + 1 were loaded (before the softmax / the previous pair); step kk + 2 is
+    // requested before their mmas.
 #pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        uint32_t vf[4];
-        detail::ldmatrix_x4_trans(vf, vs + detail::swz<RC>(v_row, 2 * kk + v_csel));
-        detail::mma16816<T>(o[2 * kk], pa, vf[0], vf[1]);
-        detail::mma16816<T>(o[2 * kk + 1], pa, vf[2], vf[3]);
-      }
-    } else {
-      // Steps kk and kk + 1 were loaded (before the softmax / the previous pair); step kk + 2 is
-      // requested before their mmas.
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      const int cur = kk & 1;
+      uint32_t nxt[4];
+      if (kk + 2 < KSTEPS) detail::ldmatrix_x4_trans(nxt, vs + detail::swz<RC>(v_row, 2 * (kk + 2) + v_csel));
+      detail::mma16816<T>(o[2 * kk], pa, vb[cur][0], vb[cur][1]);
+      detail::mma16816<T>(o[2 * kk + 1], pa, vb[cur][2], vb[cur][3]);
+      if (kk + 2 < KSTEPS) {
 #pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        const int cur = kk & 1;
-        uint32_t nxt[4];
-        if (kk + 2 < KSTEPS) detail::ldmatrix_x4_trans(nxt, vs + detail::swz<RC>(v_row, 2 * (kk + 2) + v_csel));
-        detail::mma16816<T>(o[2 * kk], pa, vb[cur][0], vb[cur][1]);
-        detail::mma16816<T>(o[2 * kk + 1], pa, vb[cur][2], vb[cur][3]);
-        if (kk + 2 < KSTEPS) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) vb[cur][e] = nxt[e];
-        }
+        for (int e = 0; e < 4; ++e) vb[cur][e] = nxt[e];
       }
     }
   }
@@ -631,13 +612,9 @@ inline int decode_row_blocks(int block_q, int group) {
 
 // Launch. Before: a.num_splits (decode_plan_splits) and a.num_row_blocks (decode_row_blocks) set,
 // part_o/part_lse allocated when num_splits > 1. T: __half or __nv_bfloat16; head_dim 64, 128 or 256.
-// variant: 0 .. kDecodeVariants - 1 (see DecodeConfig), -1: kDecodeDefaultVariant; it only selects
-// among the head_dim 128 kernels (64 and 256 run variant 0).
 // Needs compute capability 8.0 or newer (cudaErrorNotSupported otherwise).
 template <typename T>
-cudaError_t decode_attention(const DecodeArgs& a, int head_dim, cudaStream_t stream, int variant = -1) {
-  if (variant < 0) variant = kDecodeDefaultVariant;
-  if (variant >= kDecodeVariants) return cudaErrorInvalidValue;
+cudaError_t decode_attention(const DecodeArgs& a, int head_dim, cudaStream_t stream) {
   if (a.num_work == 0 || a.total_q == 0) return cudaSuccess;
   int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -654,17 +631,9 @@ cudaError_t decode_attention(const DecodeArgs& a, int head_dim, cudaStream_t str
     return cudaGetLastError();
   };
   err = cudaErrorInvalidValue;
-  if (head_dim == 64) err = go(decode_attention_kernel<T, 64, 0>, DecodeConfig<64>::kSmemBytes);
-  if (head_dim == 128) {
-    switch (variant) {
-      case 0: err = go(decode_attention_kernel<T, 128, 0>, DecodeConfig<128, 0>::kSmemBytes); break;
-      case 1: err = go(decode_attention_kernel<T, 128, 1>, DecodeConfig<128, 1>::kSmemBytes); break;
-      case 2: err = go(decode_attention_kernel<T, 128, 2>, DecodeConfig<128, 2>::kSmemBytes); break;
-      case 3: err = go(decode_attention_kernel<T, 128, 3>, DecodeConfig<128, 3>::kSmemBytes); break;
-      default: break;
-    }
-  }
-  if (head_dim == 256) err = go(decode_attention_kernel<T, 256, 0>, DecodeConfig<256>::kSmemBytes);
+  if (head_dim == 64) err = go(decode_attention_kernel<T, 64>, DecodeConfig<64>::kSmemBytes);
+  if (head_dim == 128) err = go(decode_attention_kernel<T, 128>, DecodeConfig<128>::kSmemBytes);
+  if (head_dim == 256) err = go(decode_attention_kernel<T, 256>, DecodeConfig<256>::kSmemBytes);
   if (err != cudaSuccess || a.num_splits == 1) return err;
   const long long rows = static_cast<long long>(a.total_q) * a.num_qo_heads;
   const int mgrid = static_cast<int>(std::min(rows, 65535LL * 16));
