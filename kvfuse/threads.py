@@ -650,7 +650,7 @@ def batch_plan(rows: _Seq[Sequence], q_len: int | _Seq[int], *, hogwild: bool = 
         >>> out = kvfuse.attention(q, store.k_cache[0], store.v_cache[0], bp.block_table, bp.plan)
     """
     rows = _check_rows("batch_plan", rows, "rows")
-    if isinstance(q_len, numbers.Integral):
+    if isinstance(q_len, numbers.Integral | str) or not isinstance(q_len, _Seq):
         q_lens = [check_int("batch_plan: q_len", q_len, lo=0)] * len(rows)
     else:
         q_lens = [check_int(f"batch_plan: q_len[{i}]", x, lo=0) for i, x in enumerate(q_len)]
