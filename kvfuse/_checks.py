@@ -13,8 +13,8 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 def check_instance(name: str, value, cls: type, hint: str = "") -> None:
     if not isinstance(value, cls):
-        raise TypeError(f"{name} must be a {cls.__module__.split('.')[0]}.{cls.__name__}, got "
-                        f"{type(value).__name__}{hint}")
+        where = "kvfuse." if cls.__module__.startswith("kvfuse") else ""
+        raise TypeError(f"{name} must be a {where}{cls.__name__}, got {type(value).__name__}{hint}")
 
 
 def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:

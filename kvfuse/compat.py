@@ -25,6 +25,7 @@ from kvfuse._checks import (
     check_unique,
 )
 from kvfuse.attention import AttentionPlan, AttentionSpec, attention, plan
+from kvfuse.dispatch import choose
 from kvfuse.reference.rope import rotate
 from kvfuse.segments import Segment, SegmentGraph
 
@@ -279,19 +280,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, int | float)):
         raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
 
-    if k is not None:
-        new_pos = seqlens[:, None] + torch.arange(n_new, device=dev)  # [B, n_new]
-        slots = (table.long().gather(1, new_pos // page) * page + new_pos % page).flatten()
-        check_unique("the slots of k/v (rows that write into one cache block or row)", slots, "slots")
-        if rotary_cos is not None:
-            k = _rotate_at(k, new_pos, rotary_cos, rotary_sin, rotary_interleaved)
-            q_pos = seqlens[:, None] + (torch.arange(q_len, device=dev) if causal else torch.zeros(q_len, device=dev,
-                                                                                                 dtype=torch.long))
-            q = _rotate_at(q, q_pos, rotary_cos, rotary_sin, rotary_interleaved)
-        # everything is checked: write the new tokens
-        k_pool.view(-1, *k_pool.shape[2:])[slots] = k.reshape(-1, *k.shape[2:]).to(k_pool.dtype)
-        v_pool.view(-1, *v_pool.shape[2:])[slots] = v.reshape(-1, *v.shape[2:]).to(v_pool.dtype)
-
     # the queries that see at least one key (causal: the last min(Lq, Lk) of a row), as rows of a plan
     graphs, q_lens, t_rows, sel = [], [], [], []
     for r, n in enumerate(lens):
@@ -307,6 +295,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             q_lens += [1] * q_len
             t_rows += [r] * q_len
             sel += range(r * q_len, (r + 1) * q_len)
+    p = plan(AttentionSpec(graphs, q_lens, device=dev)) if sel else None
+    if p is not None:  # an explicit backend that cannot run raises here, before the cache is written
+        choose("segment_attention", backend, q=q.reshape(b * q_len, hq, d), k_cache=k_pool, plan=p)
+
+    if k is not None:
+        new_pos = seqlens[:, None] + torch.arange(n_new, device=dev)  # [B, n_new]
+        slots = (table.long().gather(1, new_pos // page) * page + new_pos % page).flatten()
+        check_unique("the slots of k/v (rows that write into one cache block or row)", slots, "slots")
+        if rotary_cos is not None:
+            k = _rotate_at(k, new_pos, rotary_cos, rotary_sin, rotary_interleaved)
+            q_pos = seqlens[:, None] + (torch.arange(q_len, device=dev) if causal else torch.zeros(q_len, device=dev,
+                                                                                                 dtype=torch.long))
+            q = _rotate_at(q, q_pos, rotary_cos, rotary_sin, rotary_interleaved)
+        # everything is checked: write the new tokens
+        k_pool.view(-1, *k_pool.shape[2:])[slots] = k.reshape(-1, *k.shape[2:]).to(k_pool.dtype)
+        v_pool.view(-1, *v_pool.shape[2:])[slots] = v.reshape(-1, *v.shape[2:]).to(v_pool.dtype)
+
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     qq = q.reshape(b * q_len, hq, d)
     if scale == 0.0:  # every score is 0: zero queries at scale 1 say so exactly
@@ -314,8 +319,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     every = len(sel) == b * q_len
     out = qq.new_zeros(b * q_len, hq, d)
     lse = torch.full((b * q_len, hq), math.inf, dtype=torch.float32, device=dev)
-    if sel:
-        p = plan(AttentionSpec(graphs, q_lens, device=dev))
+    if p is not None:
         idx = torch.tensor(sel, device=dev)
         tt = table if t_rows == list(range(b)) else table[torch.tensor(t_rows, device=dev)]
         o, lse_sel = attention((qq if every else qq[idx]).contiguous(), k_pool, v_pool, tt.contiguous(), p,

@@ -2,9 +2,9 @@
 
 A block holds the K/V of all layers of some tokens (``[num_layers, n, num_kv_heads, head_dim]``, keys
 rotated at the block's positions), those positions, the `RopeConfig` and a model identity string.
-Loading checks the identity and RoPE config; inserting writes the block into fresh pages of a
-`PagedKVStore` and re-rotates its keys to the new positions with `kvfuse.rerotate_` (in place,
-float64 angles from the position differences).
+Loading checks the identity and RoPE config; inserting re-rotates a copy of the block's keys to the
+new positions with `kvfuse.rerotate_` (float64 angles from the position differences) and writes it
+into fresh pages of a `PagedKVStore`.
 
 What an insertion means: the inserted tokens see what they saw when they were encoded (nothing of
 the sequence they are inserted into: their segment has no parents), and later tokens see them. A block
@@ -134,11 +134,12 @@ def insert(store: PagedKVStore, block: MemoryBlock, *, into: Sequence | None = N
            identity: str | None = None, name: str = "memory") -> Sequence:
     """Insert ``block`` into ``store`` at RoPE positions ``position, position + 1, ...``.
 
-    The block is written to fresh pages and its keys re-rotated in place from their saved positions
-    (`kvfuse.rerotate_`). With ``into=None`` it becomes a new `Sequence` (default position: where it
-    was saved), usable as a prefix to `kvfuse.fork` or to continue. With ``into`` it is appended to that
-    sequence as a segment that sees nothing of it, at ``position`` (default ``into.next_position``), and
-    a new empty continuation segment that sees both is opened; ``into`` is modified and returned.
+    The block's keys are re-rotated from their saved positions (`kvfuse.rerotate_`, on a copy in the
+    store's dtype) and written to fresh pages. With ``into=None`` it becomes a new `Sequence` (default
+    position: where it was saved), usable as a prefix to `kvfuse.fork` or to continue. With ``into`` it
+    is appended to that sequence as a segment that sees nothing of it, at ``position`` (default
+    ``into.next_position``), and a new empty continuation segment that sees both is opened; ``into``
+    is modified and returned.
 
     Raises:
         ValueError, TypeError: bad arguments (``into`` of another store, a position that is not an int
@@ -185,6 +186,10 @@ def insert(store: PagedKVStore, block: MemoryBlock, *, into: Sequence | None = N
     need = store.pages_for(n)  # with into, the block starts on a fresh page: no shared page is written
     if need > store.num_free:
         raise RuntimeError(f"insert: out of pages ({need} needed, {store.num_free} free)")
+    k = block.k.to(store.device, store.k_cache.dtype, copy=True)
+    if n:  # the copy as a one-page pool; a backend that cannot run raises before the store changes
+        dev = store.device
+        rerotate_(k.unsqueeze(1), torch.arange(n, device=dev), block.positions.to(dev), new_pos.to(dev), store.rope)
 
     # everything is checked: nothing below raises
     if into is None:
@@ -201,6 +206,5 @@ def insert(store: PagedKVStore, block: MemoryBlock, *, into: Sequence | None = N
         seq.segments.append(SegmentInfo(store.unique_name("after-" + name), 0,
                                         (seen[-1], seq.segments[-1].name) if seen else (seq.segments[-1].name,),
                                         start + n))
-    store.write_(None, slots, block.k.to(store.device), block.v.to(store.device))
-    rerotate_(store.k_cache, slots, block.positions.to(store.device), new_pos.to(store.device), store.rope)
+    store.write_(None, slots, k, block.v.to(store.device))
     return seq

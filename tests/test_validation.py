@@ -64,6 +64,8 @@ def _world():
     w.frozen = _store(rope=kvfuse.ModelRope((ROPE,) * L, unmovable="tokens of this model cannot move"))
     w.pool = PagePool(8, PS, H, D)
     w.pool_pages = w.pool.alloc(3)
+    w.big_pool = PagePool(16, PS, H, D)  # its next free pages lie past the 8 pages of kc/vc
+    w.big_pool.alloc(9)
     w.kc, w.vc = torch.randn(2, 8, PS, H, D).unbind(0)
     w.block = memory.MemoryBlock(*_kv(5), torch.arange(5), w.store.rope, "m", {})
     w.frozen_block = memory.MemoryBlock(*_kv(5), torch.arange(5), w.frozen.rope, "m", {})
@@ -226,7 +228,7 @@ REJECTED = [
     ("fork-n-zero", lambda w: lambda: kvfuse.fork(w.prefix, 0), ValueError, "fork: n must be >= 1"),
     ("fork-store", lambda w: lambda: kvfuse.fork(w.store, 2), TypeError,
      r"prefix must be a kvfuse.Sequence, got PagedKVStore \(.*store.sequence\(\)"),
-    ("fork-name", lambda w: lambda: w.prefix.fork(2, name=3), TypeError, "fork: name must be a builtins.str"),
+    ("fork-name", lambda w: lambda: w.prefix.fork(2, name=3), TypeError, "fork: name must be a str, got int"),
     # merge
     ("merge-one-sequence", lambda w: lambda: kvfuse.merge(w.a), TypeError,
      "merge: threads must be a list of kvfuse.Sequence, got a single Sequence"),
@@ -288,11 +290,14 @@ REJECTED = [
      RuntimeError, "out of pages"),
     ("insert-unmovable", lambda w: lambda: memory.insert(w.frozen, w.frozen_block, position=40), ValueError,
      "cannot move"),
+    ("insert-backend-from-env", lambda w: _after(os.environ.__setitem__("KVFUSE_BACKEND", "cuda"),
+                                                 lambda: memory.insert(w.store, w.block, into=w.a, position=50)),
+     kvfuse.BackendNotSupported, "rerotate_: backend 'cuda' cannot run"),
     # compose
     ("compose-k-is-v", lambda w: _compose(w, v=w.kc), ValueError, "k_cache and v_cache share memory"),
     ("compose-overlapping-views", lambda w: (lambda base: _compose(w, k=base[:8], v=base[1:]))(
         torch.randn(9, PS, H, D)), ValueError, "share memory"),
-    ("compose-pool-too-large", lambda w: _compose(w, dst_pages=PagePool(16, PS, H, D)), ValueError,
+    ("compose-pool-too-large", lambda w: _compose(w, dst_pages=w.big_pool), ValueError,
      "dst_pages: the PagePool has 16 pages, the pools only 8"),
     ("compose-dst-list", lambda w: _compose(w, dst_pages=[4, 5, 6]), TypeError, "dst_pages must be"),
     ("compose-dst-range", lambda w: _compose(w, dst_pages=torch.tensor([4, 5, 8])), ValueError,
@@ -329,12 +334,15 @@ REJECTED = [
                                                v_cache=w.vc.view(4, 8, H, D),
                                                cache_batch_idx=torch.tensor([0, 4], dtype=torch.int32)),
      ValueError, r"cache_batch_idx must hold cache rows in \[0, 4\)"),
+    ("flash-backend", lambda w: _flash(w, backend="cuda"), kvfuse.BackendNotSupported,
+     "segment_attention: backend 'cuda' cannot run"),
     ("flash-scale-str", lambda w: _flash(w, softmax_scale="0.1"), TypeError, "softmax_scale must be a float"),
 ]
 
 
 @pytest.mark.parametrize("make, exc, match", [c[1:] for c in REJECTED], ids=[c[0] for c in REJECTED])
-def test_rejected_calls_change_nothing(make, exc, match):
+def test_rejected_calls_change_nothing(make, exc, match, monkeypatch):
+    monkeypatch.setenv("KVFUSE_BACKEND", "auto")  # a case may set it: monkeypatch restores what was there
     w = _world()
     call = make(w)
     before = _state(w)
