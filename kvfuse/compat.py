@@ -264,7 +264,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     lens = kv_lens.tolist()
     if max(lens, default=0) > capacity:
         raise ValueError(f"flash_attn_with_kvcache: a row needs {max(lens)} slots, the cache has {capacity}")
-    if block_table is not None:
+    if block_table is not None and b:
         used = torch.cat([table[i, : -(-n // page)] for i, n in enumerate(lens)])
         check_in_range("block_table", used, 0, k_cache.shape[0], "block ids")
     if rotary_cos is not None:
