@@ -15,7 +15,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kvfuse._checks import (
+    ANY_FLOAT,
+    check_disjoint,
+    check_in_range,
+    check_int,
+    check_same_pool,
+    check_tensor,
+    check_unique,
+)
 from kvfuse.attention import AttentionPlan, AttentionSpec, attention, plan
+from kvfuse.dispatch import choose
 from kvfuse.reference.rope import rotate
 from kvfuse.segments import Segment, SegmentGraph
 
@@ -61,8 +71,9 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
 
     kvfuse runs it when the mask is a segment mask: ``is_causal`` with ``L <= S``, no mask with
     ``L == 1``, a bool mask equal to the bottom-right causal mask (``tril(S - L)``), or ``segments``.
-    Everything else (other masks, ``dropout_p > 0``, inputs that need gradients, non-4D inputs) is
-    handed to torch's SDPA unchanged.
+    Everything else (other masks, ``dropout_p > 0``, inputs that need gradients, non-4D or empty
+    inputs) is handed to torch's SDPA unchanged. ``scale=0.0`` gives the uniform softmax over the
+    keys each query sees (the mean of their values).
 
     Args:
         segments: (kvfuse extension) the mask as a `SegmentGraph` shared by every row, one graph per
@@ -84,13 +95,15 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
         if dropout_p:
             raise ValueError("sdpa: dropout is not supported with segments")
     fast = (dropout_p == 0.0 and query.dim() == 4 and key.dim() == 4 and value.shape == key.shape
+            and query.numel() > 0 and key.numel() > 0
             and query.shape[-1] == key.shape[-1] and query.shape[0] == key.shape[0]
             and (query.shape[1] == key.shape[1] or (enable_gqa and query.shape[1] % key.shape[1] == 0))
             and query.dtype == key.dtype == value.dtype
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
     if not fast:
         if segments is not None:
-            raise ValueError("sdpa: segments needs 4D query/key/value of one dtype, equal head dims, no gradients")
+            raise ValueError("sdpa: segments needs non-empty 4D query/key/value of one dtype, equal head dims, "
+                             "no gradients")
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     b, hq, q_len, d = query.shape
@@ -118,6 +131,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if p is None:
         p = _uniform_plan(b, q_len, kv_len, str(query.device))
+    if scale is not None and float(scale) == 0.0:  # every score is 0: zero queries at scale 1 say so exactly
+        query, scale = torch.zeros_like(query), 1.0
     kc, n_pages = _dense_pool(key[:, :, :kv_len], _PAGE)
     vc, _ = _dense_pool(value[:, :, :kv_len], _PAGE)
     table = torch.arange(b * n_pages, dtype=torch.int32, device=query.device).view(b, n_pages)
@@ -153,12 +168,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         block_table: int32 ``[B, max_blocks]``.
         softmax_scale: default ``1/sqrt(D)``.
         causal: bottom-right aligned: query i sees keys ``j <= i + Lk - Lq`` (``Lk`` = row's length after
-            appending). Not causal: every query sees all ``Lk`` keys.
+            appending); with ``Lq > Lk`` the first ``Lq - Lk`` queries see no key. Not causal: every query
+            sees all ``Lk`` keys. As in flash-attn, a query that sees no key gets a zero output and an
+            LSE of +inf.
         return_softmax_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]`` (natural log).
         cache_leftpad, window_size, softcap, alibi_slopes: only their defaults are supported
             (``NotImplementedError`` otherwise); num_splits is ignored.
     Returns:
-        ``out`` ``[B, Lq, Hq, D]`` (q's dtype), or ``(out, lse)``.
+        ``out`` ``[B, Lq, Hq, D]`` (q's dtype), or ``(out, lse)``. Every argument is checked before
+        ``k``/``v`` are written.
 
     Example:
         >>> import torch, kvfuse
@@ -179,11 +197,35 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError("flash_attn_with_kvcache: rotary_cos/rotary_sin apply only when k and v are given")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("flash_attn_with_kvcache: pass both rotary_cos and rotary_sin, or neither")
+    check_tensor("q", q, ndim=4, dtype=ANY_FLOAT)
     b, q_len, hq, d = q.shape
     dev = q.device
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, c, ndim=4, dtype=q.dtype, device=dev)
+        if not c.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    check_same_pool("k_cache", k_cache, "v_cache", v_cache)
+    hkv = k_cache.shape[2]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} != q head_dim {d}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of the cache's KV heads ({hkv})")
+    n_new = 0
+    if k is not None:
+        check_disjoint("k_cache", k_cache, "v_cache", v_cache)
+        check_tensor("k", k, ndim=4, dtype=ANY_FLOAT, device=dev)
+        check_tensor("v", v, ndim=4, dtype=ANY_FLOAT, device=dev)
+        n_new = k.shape[1]
+        for name, t in (("k", k), ("v", v)):
+            if t.shape != (b, n_new, hkv, d):
+                raise ValueError(f"{name} must be [B={b}, Lnew, Hkv={hkv}, D={d}] with k's Lnew={n_new}, "
+                                 f"got {list(t.shape)}")
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError("flash_attn_with_kvcache: cache_batch_idx cannot be used with block_table")
+        check_tensor("block_table", block_table, ndim=2, dtype=(torch.int32, torch.int64), device=dev)
+        if block_table.shape[0] != b:
+            raise ValueError(f"block_table must have one row per batch row ({b}), got {block_table.shape[0]}")
         k_pool, v_pool, table = k_cache, v_cache, block_table.to(torch.int32)
         page = k_cache.shape[1]
         capacity = table.shape[1] * page
@@ -193,47 +235,99 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         per_row = s // page
         k_pool = k_cache.view(k_cache.shape[0] * per_row, page, *k_cache.shape[2:])
         v_pool = v_cache.view(v_cache.shape[0] * per_row, page, *v_cache.shape[2:])
-        rows = (torch.arange(b, device=dev) if cache_batch_idx is None else cache_batch_idx.to(dev).long())
+        if cache_batch_idx is None:
+            if k_cache.shape[0] < b:
+                raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {b} (pass cache_batch_idx)")
+            rows = torch.arange(b, device=dev)
+        else:
+            check_tensor("cache_batch_idx", cache_batch_idx, ndim=1, dtype=(torch.int32, torch.int64))
+            if cache_batch_idx.numel() != b:
+                raise ValueError(f"cache_batch_idx must have one entry per batch row ({b}), got "
+                                 f"{cache_batch_idx.numel()}")
+            check_in_range("cache_batch_idx", cache_batch_idx, 0, k_cache.shape[0], "cache rows")
+            rows = cache_batch_idx.to(dev).long()
         table = (rows[:, None] * per_row + torch.arange(per_row, device=dev)).to(torch.int32)
         capacity = s
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("flash_attn_with_kvcache: cache_seqlens is required to append k and v")
         seqlens = torch.full((b,), capacity, dtype=torch.int64, device=dev)
-    elif isinstance(cache_seqlens, int):
-        seqlens = torch.full((b,), cache_seqlens, dtype=torch.int64, device=dev)
-    else:
+    elif isinstance(cache_seqlens, torch.Tensor):
+        check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=(torch.int32, torch.int64))
+        if cache_seqlens.numel() != b:
+            raise ValueError(f"cache_seqlens must have one entry per batch row ({b}), got {cache_seqlens.numel()}")
+        check_in_range("cache_seqlens", cache_seqlens, 0, capacity + 1, "token counts")
         seqlens = cache_seqlens.to(dev).long()
-    n_new = 0 if k is None else k.shape[1]
+    else:
+        seqlens = torch.full((b,), check_int("cache_seqlens", cache_seqlens, lo=0), dtype=torch.int64, device=dev)
     kv_lens = seqlens + n_new
-    if int(kv_lens.max()) > capacity:
-        raise ValueError(f"flash_attn_with_kvcache: a row needs {int(kv_lens.max())} slots, the cache has {capacity}")
-    if causal and int(kv_lens.min()) < q_len:
-        raise ValueError("flash_attn_with_kvcache: causal attention needs at least Lq keys in every row")
+    lens = kv_lens.tolist()
+    if max(lens, default=0) > capacity:
+        raise ValueError(f"flash_attn_with_kvcache: a row needs {max(lens)} slots, the cache has {capacity}")
+    if block_table is not None and b:
+        used = torch.cat([table[i, : -(-n // page)] for i, n in enumerate(lens)])
+        check_in_range("block_table", used, 0, k_cache.shape[0], "block ids")
+    if rotary_cos is not None:
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            check_tensor(name, t, ndim=2, dtype=ANY_FLOAT, device=dev)
+        if rotary_sin.shape != rotary_cos.shape or not 0 < 2 * rotary_cos.shape[1] <= d:
+            raise ValueError(f"rotary_cos/rotary_sin must both be [seqlen_ro, rotary_dim / 2] with 0 < rotary_dim "
+                             f"<= D={d}, got {list(rotary_cos.shape)} and {list(rotary_sin.shape)}")
+        top = max([max(n, n - n_new + (q_len if causal else 1)) for n in lens], default=0)  # k's and q's positions
+        if rotary_cos.shape[0] < top:
+            raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions, the rotated tokens "
+                             f"reach position {top - 1}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, int | float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+
+    # the queries that see at least one key (causal: the last min(Lq, Lk) of a row), as rows of a plan
+    graphs, q_lens, t_rows, sel = [], [], [], []
+    for r, n in enumerate(lens):
+        if causal or q_len == 1:
+            m = min(q_len, n)
+            if m:
+                graphs.append(SegmentGraph([Segment("s", n)]))
+                q_lens.append(m)
+                t_rows.append(r)
+                sel += range(r * q_len + q_len - m, (r + 1) * q_len)
+        elif n:  # every query sees every key: each query is the last token of its own copy of the row
+            graphs += [SegmentGraph([Segment("s", n)])] * q_len
+            q_lens += [1] * q_len
+            t_rows += [r] * q_len
+            sel += range(r * q_len, (r + 1) * q_len)
+    p = plan(AttentionSpec(graphs, q_lens, device=dev)) if sel else None
+    if p is not None:  # an explicit backend that cannot run raises here, before the cache is written
+        choose("segment_attention", backend, q=q.reshape(b * q_len, hq, d), k_cache=k_pool, plan=p)
 
     if k is not None:
         new_pos = seqlens[:, None] + torch.arange(n_new, device=dev)  # [B, n_new]
+        slots = (table.long().gather(1, new_pos // page) * page + new_pos % page).flatten()
+        check_unique("the slots of k/v (rows that write into one cache block or row)", slots, "slots")
         if rotary_cos is not None:
             k = _rotate_at(k, new_pos, rotary_cos, rotary_sin, rotary_interleaved)
             q_pos = seqlens[:, None] + (torch.arange(q_len, device=dev) if causal else torch.zeros(q_len, device=dev,
                                                                                                  dtype=torch.long))
             q = _rotate_at(q, q_pos, rotary_cos, rotary_sin, rotary_interleaved)
-        slots = (table.long().gather(1, new_pos // page) * page + new_pos % page).flatten()
+        # everything is checked: write the new tokens
         k_pool.view(-1, *k_pool.shape[2:])[slots] = k.reshape(-1, *k.shape[2:]).to(k_pool.dtype)
         v_pool.view(-1, *v_pool.shape[2:])[slots] = v.reshape(-1, *v.shape[2:]).to(v_pool.dtype)
 
-    lens = kv_lens.tolist()
-    if causal or q_len == 1:
-        graphs = [SegmentGraph([Segment("s", n)]) for n in lens]
-        p = plan(AttentionSpec(graphs, [q_len] * b, device=dev))
-        qq, tt = q.reshape(b * q_len, hq, d), table
-    else:  # every query sees every key: each query is the last token of its own copy of the row
-        graphs = [SegmentGraph([Segment("s", n)]) for n in lens for _ in range(q_len)]
-        p = plan(AttentionSpec(graphs, [1] * (b * q_len), device=dev))
-        qq, tt = q.reshape(b * q_len, hq, d), table.repeat_interleave(q_len, 0)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    out, lse = attention(qq.contiguous(), k_pool, v_pool, tt.contiguous(), p, sm_scale=scale, return_lse=True,
-                         backend=backend)
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    qq = q.reshape(b * q_len, hq, d)
+    if scale == 0.0:  # every score is 0: zero queries at scale 1 say so exactly
+        qq, scale = torch.zeros_like(qq), 1.0
+    every = len(sel) == b * q_len
+    out = qq.new_zeros(b * q_len, hq, d)
+    lse = torch.full((b * q_len, hq), math.inf, dtype=torch.float32, device=dev)
+    if p is not None:
+        idx = torch.tensor(sel, device=dev)
+        tt = table if t_rows == list(range(b)) else table[torch.tensor(t_rows, device=dev)]
+        o, lse_sel = attention((qq if every else qq[idx]).contiguous(), k_pool, v_pool, tt.contiguous(), p,
+                               sm_scale=scale, return_lse=True, backend=backend)
+        if every:
+            out, lse = o, lse_sel
+        else:
+            out[idx], lse[idx] = o, lse_sel
     out = out.view(b, q_len, hq, d)
     if return_softmax_lse:
         return out, lse.view(b, q_len, hq).transpose(1, 2)

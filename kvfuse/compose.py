@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from kvfuse import _ops
-from kvfuse._checks import check_cache, check_same_pool, check_tensor, check_unique
+from kvfuse._checks import check_cache, check_disjoint, check_same_pool, check_tensor, check_unique
 from kvfuse.dispatch import choose
 from kvfuse.paged import PagePool, check_pages, slots_of, to_device_async
 from kvfuse.rerotate import check_movable, layer_runs
@@ -164,13 +164,15 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     Sources are never modified unless given up.
 
     Args:
-        k_cache, v_cache: pools ``[(L,) num_pages, page_size, num_kv_heads, head_dim]``. **Modified in
-            place** (destination pages, and given-up segments that move).
+        k_cache, v_cache: pools ``[(L,) num_pages, page_size, num_kv_heads, head_dim]``, two separate
+            tensors (not one tensor twice, nor overlapping views). **Modified in place** (destination
+            pages, and given-up segments that move).
         segments: `SourceSegment` list, in composed order.
         rope: the model's `RopeConfig`, or a `ModelRope` (one rotation per layer) for a layer-stacked
             pool; a model whose tokens cannot be moved raises ``ValueError`` when a segment moves.
         dst_pages: int ``[m]`` free page ids to copy into (distinct, disjoint from every source page;
-            `pages_needed` says how many), or a `PagePool` to allocate them from.
+            `pages_needed` says how many), or a `PagePool` to allocate them from (of at most as many
+            pages as the pools; the pages are given back if the composition raises).
     Returns:
         `Composed` (page table, length, positions, segment ranges, pages written / reused).
 
@@ -187,6 +189,7 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
     check_same_pool("k_cache", k_cache, "v_cache", v_cache)
+    check_disjoint("k_cache", k_cache, "v_cache", v_cache)
     runs = layer_runs(rope, k_cache, v_cache)
     segments = list(segments)
     if not segments:
@@ -250,6 +253,11 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
 
     # destination pages are read (and validated) only when the composition copies
     pool = dst_pages if isinstance(dst_pages, PagePool) and lay.n_new else None
+    if pool is not None and pool.num_pages > k_cache.shape[-4]:
+        raise ValueError(f"dst_pages: the PagePool has {pool.num_pages} pages, the pools only {k_cache.shape[-4]}")
+    if dst_pages is not None and not isinstance(dst_pages, (torch.Tensor, PagePool)):
+        raise TypeError(f"dst_pages must be an int tensor of page ids or a kvfuse.PagePool, got "
+                        f"{type(dst_pages).__name__}")
     if pool is not None:
         dst = pool.alloc(lay.n_new).cpu()
     elif dst_pages is None or isinstance(dst_pages, PagePool) or not lay.n_new:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import threading
 from collections.abc import Callable
 
 PRIORITY = ("cuda", "triton", "torch")
@@ -32,6 +33,10 @@ class Impl:
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _LOADED = False
+_LOAD_LOCK = threading.RLock()  # the first dispatch of two threads: both wait until every backend is loaded
+# the public names `available` takes, and the registered op each runs
+PUBLIC_OPS = {"rerotate": "rerotate_", "rerotate_": "rerotate_", "compose": "compose_copy_",
+              "attention": "segment_attention", "merge_states": "merge_states"}
 
 
 def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = None, **meta):
@@ -49,29 +54,40 @@ def _load_backends() -> None:
     global _LOADED
     if _LOADED:
         return
-    _LOADED = True
-    for name, mod in _BACKEND_MODULES.items():
-        try:
-            importlib.import_module(mod)
-        except Exception as e:  # an unavailable backend becomes a reason, never an import error
-            _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
+    with _LOAD_LOCK:
+        if _LOADED:
+            return
+        for name, mod in _BACKEND_MODULES.items():
+            try:
+                importlib.import_module(mod)
+            except Exception as e:  # an unavailable backend becomes a reason, never an import error
+                _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
+        _LOADED = True
 
 
 def resolve(backend: str | None) -> str:
-    backend = backend or os.environ.get("KVFUSE_BACKEND") or "auto"
-    if backend not in PRIORITY + ("auto",):
-        raise ValueError(f"backend must be one of {('auto',) + PRIORITY}, got {backend!r}")
+    choices = ("auto",) + PRIORITY
+    if not backend and os.environ.get("KVFUSE_BACKEND"):
+        env = os.environ["KVFUSE_BACKEND"]
+        if env not in choices:
+            raise ValueError(f"the KVFUSE_BACKEND environment variable must be one of {choices}, got {env!r}")
+        return env
+    backend = backend or "auto"
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
     return backend
 
 
 def reasons_for(op: str, backend: str, **inputs) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on ``inputs`` (empty: it can). Without inputs only what does
+    not depend on them: the backend failed to load, or has no implementation of ``op``."""
     _load_backends()
     if backend in _LOAD_ERRORS:
         return [f"the {backend} backend failed to load ({_LOAD_ERRORS[backend]})"]
     impl = _REGISTRY.get(op, {}).get(backend)
     if impl is None:
         return [f"the {backend} backend has no implementation of {op}"]
-    return list(impl.reasons(**inputs))
+    return list(impl.reasons(**inputs)) if inputs else []
 
 
 def choose(op: str, backend: str | None, **inputs) -> str:
@@ -107,5 +123,21 @@ def meta(op: str, backend: str) -> dict:
 
 
 def available(op: str, **inputs) -> dict[str, list[str]]:
-    """Reasons per backend (an empty list means it would run)."""
+    """Reasons per backend why it cannot run ``op`` (an empty list means it would run).
+
+    ``op``: a public name ("rerotate_" or "rerotate", "compose", "attention", "merge_states") or a
+    registered op ("compose_copy_", "segment_attention"). ``inputs``: the tensors and options the op
+    would get (``k_cache=``, ``rotary_dim=``, ``interleaved=``; ``q=``, ``k_cache=``, ``plan=``;
+    ``v=``). Without inputs only what is known without them is reported (a backend that failed to
+    load, with its install hint, or has no implementation); an empty list then means "loaded".
+
+    Example:
+        >>> import kvfuse
+        >>> kvfuse.available("rerotate")["torch"]
+        []
+    """
+    registered = set(PUBLIC_OPS.values())
+    if op not in PUBLIC_OPS and op not in registered:
+        raise ValueError(f"op must be one of {sorted(set(PUBLIC_OPS) | registered)}, got {op!r}")
+    op = PUBLIC_OPS.get(op, op)
     return {b: reasons_for(op, b, **inputs) for b in PRIORITY}

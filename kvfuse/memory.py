@@ -2,9 +2,9 @@
 
 A block holds the K/V of all layers of some tokens (``[num_layers, n, num_kv_heads, head_dim]``, keys
 rotated at the block's positions), those positions, the `RopeConfig` and a model identity string.
-Loading checks the identity and RoPE config; inserting writes the block into fresh pages of a
-`PagedKVStore` and re-rotates its keys to the new positions with `kvfuse.rerotate_` (in place,
-float64 angles from the position differences).
+Loading checks the identity and RoPE config; inserting re-rotates a copy of the block's keys to the
+new positions with `kvfuse.rerotate_` (float64 angles from the position differences) and writes it
+into fresh pages of a `PagedKVStore`.
 
 What an insertion means: the inserted tokens see what they saw when they were encoded (nothing of
 the sequence they are inserted into: their segment has no parents), and later tokens see them. A block
@@ -33,8 +33,9 @@ import json
 
 import torch
 
-from kvfuse.rerotate import rerotate_
-from kvfuse.rope import ModelRope, RopeConfig, as_model_rope
+from kvfuse._checks import ANY_FLOAT, check_finite, check_instance, check_int, check_tensor
+from kvfuse.rerotate import check_positions, rerotate_
+from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig, as_model_rope
 from kvfuse.threads import PagedKVStore, SegmentInfo, Sequence
 
 __all__ = ["MemoryBlock", "model_identity", "save", "load", "insert"]
@@ -133,37 +134,70 @@ def insert(store: PagedKVStore, block: MemoryBlock, *, into: Sequence | None = N
            identity: str | None = None, name: str = "memory") -> Sequence:
     """Insert ``block`` into ``store`` at RoPE positions ``position, position + 1, ...``.
 
-    The block is written to fresh pages and its keys re-rotated in place from their saved positions
-    (`kvfuse.rerotate_`). With ``into=None`` it becomes a new `Sequence` (default position: where it
-    was saved), usable as a prefix to `kvfuse.fork` or to continue. With ``into`` it is appended to that
-    sequence as a segment that sees nothing of it, at ``position`` (default ``into.next_position``), and
-    a new empty continuation segment that sees both is opened; ``into`` is modified and returned.
+    The block's keys are re-rotated from their saved positions (`kvfuse.rerotate_`, on a copy in the
+    store's dtype) and written to fresh pages. With ``into=None`` it becomes a new `Sequence` (default
+    position: where it was saved), usable as a prefix to `kvfuse.fork` or to continue. With ``into`` it
+    is appended to that sequence as a segment that sees nothing of it, at ``position`` (default
+    ``into.next_position``), and a new empty continuation segment that sees both is opened; ``into``
+    is modified and returned.
 
     Raises:
-        ValueError: RoPE config, identity or K/V shape of the block do not match the store.
-        RuntimeError: the store is out of pages (nothing changed).
+        ValueError, TypeError: bad arguments (``into`` of another store, a position that is not an int
+            or overflows, block K/V or positions of the wrong shape or dtype, non-finite K/V), or the
+            RoPE config, identity or K/V shape of the block do not match the store.
+        RuntimeError: the store is out of pages.
+        Nothing has changed when it raises.
     """
+    check_instance("store", store, PagedKVStore)
+    check_instance("block", block, MemoryBlock)
+    if into is not None:
+        check_instance("into", into, Sequence)
+        if into.store is not store:
+            raise ValueError("insert: into belongs to another store than store")
+        into._check_live()
+    if position is not None:
+        position = check_int("position", position, lo=0, hi=MAX_POSITION)
+    check_instance("name", name, str)
     if store.rope is None or store.rope != block.rope:
         raise ValueError(f"memory block RoPE config {block.rope} does not match the store's {store.rope}")
     _check(block, identity, None)
+    for what, t in (("block.k", block.k), ("block.v", block.v)):
+        check_tensor(what, t, ndim=4, dtype=ANY_FLOAT)
+    if block.v.shape != block.k.shape:
+        raise ValueError(f"block.k and block.v must have the same shape, got {list(block.k.shape)} and "
+                         f"{list(block.v.shape)}")
     want = (store.num_layers, store.num_kv_heads, store.head_dim)
     got = (block.k.shape[0], block.k.shape[2], block.k.shape[3])
     if got != want:
         raise ValueError(f"memory block K/V has (layers, kv heads, head_dim) = {got}, the store {want}")
     n = block.num_tokens
+    check_positions("block.positions", block.positions, n)
+    check_finite("block.k", block.k)
+    check_finite("block.v", block.v)
     if into is None:
         start = int(block.positions[0]) if position is None and n else (position or 0)
+    else:
+        start = into.next_position if position is None else position
+    if start + n - 1 > MAX_POSITION:
+        raise ValueError(f"insert: positions [{start}, {start + n}) overflow [0, {MAX_POSITION}]")
+    new_pos = torch.arange(start, start + n, dtype=torch.int64)
+    if not torch.equal(new_pos, block.positions.cpu().long()):
+        store.rope.check_movable()
+    need = store.pages_for(n)  # with into, the block starts on a fresh page: no shared page is written
+    if need > store.num_free:
+        raise RuntimeError(f"insert: out of pages ({need} needed, {store.num_free} free)")
+    k = block.k.to(store.device, store.k_cache.dtype, copy=True)
+    if n:  # the copy as a one-page pool; a backend that cannot run raises before the store changes
+        dev = store.device
+        rerotate_(k.unsqueeze(1), torch.arange(n, device=dev), block.positions.to(dev), new_pos.to(dev), store.rope)
+
+    # everything is checked: nothing below raises
+    if into is None:
         seq = store.sequence(name, position=start)
+        slots = seq.reserve(n)
     else:
         seq = into
-        seq._check_live()
-        start = seq.next_position if position is None else position
-    new_pos = torch.arange(start, start + n, dtype=torch.int64)
-    if into is not None:
-        pad = -seq.length % store.page_size  # the block starts on a fresh page: no shared page is written
-        need = store.pages_for(n)
-        if need > store.num_free:
-            raise RuntimeError(f"insert: out of pages ({need} needed, {store.num_free} free)")
+        pad = -seq.length % store.page_size
         seen = [s.name for s in seq.segments if not s.pad]
         if pad:
             seq.segments.append(SegmentInfo(store.unique_name("pad"), pad, (), 0, pad=True))
@@ -172,8 +206,5 @@ def insert(store: PagedKVStore, block: MemoryBlock, *, into: Sequence | None = N
         seq.segments.append(SegmentInfo(store.unique_name("after-" + name), 0,
                                         (seen[-1], seq.segments[-1].name) if seen else (seq.segments[-1].name,),
                                         start + n))
-    else:
-        slots = seq.reserve(n)
-    store.write_(None, slots, block.k.to(store.device), block.v.to(store.device))
-    rerotate_(store.k_cache, slots, block.positions.to(store.device), new_pos.to(store.device), store.rope)
+    store.write_(None, slots, k, block.v.to(store.device))
     return seq

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvfuse._checks import check_in_range, check_tensor
+from kvfuse._checks import ANY_FLOAT, check_cache, check_in_range, check_int, check_page_ids, check_tensor
 
 
 def page_size_of(cache: torch.Tensor) -> int:
@@ -58,17 +58,25 @@ def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Te
 
 def write_kv_(cache: torch.Tensor, pages: torch.Tensor, start: int, values: torch.Tensor) -> torch.Tensor:
     """Write ``values`` (``[n, H, D]``, or ``[L, n, H, D]`` for a stacked pool) as tokens
-    ``[start, start + n)`` of the sequence in ``pages``. Returns ``cache`` (modified in place)."""
+    ``[start, start + n)`` of the sequence in ``pages``. Returns ``cache`` (modified in place).
+    Everything is checked before the write."""
+    check_cache("cache", cache)
+    check_pages("pages", pages, cache)
+    start = check_int("start", start, lo=0)
+    check_tensor("values", values, ndim=cache.dim() - 1, dtype=ANY_FLOAT)
     vals = values.unsqueeze(0) if cache.dim() == 4 else values
     view = slot_view(cache)
-    if vals.dim() != 4 or vals.shape[0] != view.shape[0] or vals.shape[2:] != view.shape[2:]:
+    if vals.shape[0] != view.shape[0] or vals.shape[2:] != view.shape[2:]:
         raise ValueError(f"values must be [n, H, D] matching the pool {tuple(cache.shape)}, got {tuple(values.shape)}")
-    view[:, slots_of(pages, start, vals.shape[1], page_size_of(cache))] = vals.to(cache.dtype)
+    view[:, slots_of(pages, start, vals.shape[1], page_size_of(cache))] = vals.to(cache.device, cache.dtype)
     return cache
 
 
 class PagePool:
     """K and V pools plus a free list of page ids.
+
+    ``alloc(n)`` hands out ``n`` free pages (all or nothing); ``free(pages)`` gives allocated pages
+    back (each id once, every id allocated; nothing is freed otherwise).
 
     Example:
         >>> pool = PagePool(num_pages=8, page_size=4, num_kv_heads=2, head_dim=16)
@@ -79,31 +87,37 @@ class PagePool:
 
     def __init__(self, num_pages, page_size, num_kv_heads, head_dim, *, num_layers=None,
                  dtype=torch.float32, device="cpu"):
-        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        shape = tuple(check_int(n, v, lo=1) for n, v in (("num_pages", num_pages), ("page_size", page_size),
+                                                          ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
         if num_layers is not None:
-            shape = (num_layers,) + shape
+            shape = (check_int("num_layers", num_layers, lo=1),) + shape
         self.k_cache = torch.empty(shape, dtype=dtype, device=device)
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)
         self.page_size = page_size
         self._free = list(range(num_pages - 1, -1, -1))
 
     @property
+    def num_pages(self) -> int:
+        return num_pages_of(self.k_cache)
+
+    @property
     def num_free(self) -> int:
         return len(self._free)
 
     def alloc(self, n: int) -> torch.Tensor:
+        n = check_int("n", n, lo=0)
         if n > len(self._free):
             raise RuntimeError(f"PagePool: out of pages (asked for {n}, {len(self._free)} free)")
         ids = [self._free.pop() for _ in range(n)]
         return torch.tensor(ids, dtype=torch.int32, device=self.k_cache.device)
 
-    def free(self, pages: torch.Tensor) -> None:
-        ids = pages.tolist()
-        if len(set(ids)) != len(ids):
-            raise ValueError("PagePool.free: pages holds duplicate page ids")
+    def free(self, pages) -> None:
+        """Give ``pages`` (int tensor or sequence of ints) back; freeing them right after `alloc`
+        restores the free list exactly."""
+        ids = check_page_ids("pages", pages, self.num_pages)
         free = set(self._free)
         for i in ids:
-            if i in free or not 0 <= i < num_pages_of(self.k_cache):
+            if i in free:
                 raise ValueError(f"PagePool.free: page {i} is not allocated")
         self._free.extend(reversed(ids))
 

@@ -49,14 +49,26 @@ from __future__ import annotations
 import array
 import dataclasses
 import itertools
+import numbers
 from collections.abc import Sequence as _Seq
 
 import torch
 
+from kvfuse._checks import (
+    ANY_FLOAT,
+    FLOAT_DTYPES,
+    check_finite,
+    check_in_range,
+    check_instance,
+    check_int,
+    check_page_ids,
+    check_tensor,
+    check_unique,
+)
 from kvfuse.attention import AttentionPlan, AttentionSpec
 from kvfuse.compose import SourceSegment, compose, pages_needed
 from kvfuse.paged import gather_kv, slot_view, to_device_async
-from kvfuse.rope import ModelRope, RopeConfig, as_model_rope
+from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig, as_model_rope
 from kvfuse.segments import Segment, SegmentGraph
 
 __all__ = ["PagedKVStore", "Sequence", "SegmentInfo", "BatchPlan", "fork", "merge", "batch_plan"]
@@ -88,8 +100,11 @@ class PagedKVStore:
         dtype, device: of the pools. They start zeroed (unused slots never hold NaN).
 
     Pages: ``alloc(n)`` hands out ``n`` pages with one reference each (``RuntimeError`` when fewer
-    than ``n`` are free; nothing is taken then), ``incref``/``decref`` add and drop references, and a
-    page whose count reaches zero is free again.
+    than ``n`` are free; nothing is taken then), ``incref``/``decref`` add and drop one reference of
+    each page listed, and a page whose count reaches zero is free again. Each page may be listed
+    once per call (a page table never holds a page twice, so a duplicate is a caller's bug): ids out
+    of range, duplicates, non-integers and pages that are not allocated raise before any count
+    changes.
 
     Example:
         >>> store = PagedKVStore(num_layers=2, num_pages=4, page_size=16, num_kv_heads=2, head_dim=64)
@@ -100,12 +115,14 @@ class PagedKVStore:
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
                  rope: RopeConfig | ModelRope | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
-        if min(num_layers, num_pages, page_size, num_kv_heads, head_dim) <= 0:
-            raise ValueError("PagedKVStore: every dimension must be positive")
+        shape = tuple(check_int(n, v, lo=1) for n, v in (
+            ("num_layers", num_layers), ("num_pages", num_pages), ("page_size", page_size),
+            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)))
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
         rope = as_model_rope(rope, num_layers)
         if rope is not None and rope.head_dim not in (None, head_dim):
             raise ValueError(f"rope.head_dim={rope.head_dim} does not match head_dim={head_dim}")
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.rope = rope
@@ -152,6 +169,7 @@ class PagedKVStore:
 
     def _alloc_ids(self, n: int) -> list[int]:
         """`alloc` as a host list (no device transfer)."""
+        n = check_int("n", n, lo=0)
         if n > len(self._free):
             raise RuntimeError(f"PagedKVStore: out of pages: {n} needed, {len(self._free)} of {self.num_pages} free "
                                f"(page_size {self.page_size}); release sequences or make a larger store")
@@ -161,44 +179,63 @@ class PagedKVStore:
         return ids
 
     def incref(self, pages) -> None:
-        ids = _ids(pages)
-        for i in ids:
-            if self.refcount[i] <= 0:
-                raise ValueError(f"PagedKVStore.incref: page {i} is not allocated")
-        for i in ids:
+        """Add one reference to each page (int tensor or sequence of ints; each allocated, listed once)."""
+        for i in self._held("incref", pages):
             self.refcount[i] += 1
 
     def decref(self, pages) -> None:
-        """Drop one reference of each page; a page whose count reaches zero is free again."""
-        ids = _ids(pages)
-        for i in ids:
-            if self.refcount[i] <= 0:
-                raise ValueError(f"PagedKVStore.decref: page {i} is not allocated")
-        for i in ids:
+        """Drop one reference of each page (as `incref`); a page whose count reaches zero is free again."""
+        for i in self._held("decref", pages):
             self.refcount[i] -= 1
             if self.refcount[i] == 0:
                 self._free.append(i)
 
     free = decref
 
+    def _held(self, what: str, pages) -> list[int]:
+        ids = check_page_ids("pages", pages, self.num_pages)
+        for i in ids:
+            if self.refcount[i] <= 0:
+                raise ValueError(f"PagedKVStore.{what}: page {i} is not allocated")
+        return ids
+
+    def _unalloc(self, ids: list[int]) -> None:
+        """Undo ``ids = _alloc_ids(n)``: the free list is restored exactly (same order)."""
+        self.decref(ids[::-1])
+
     # ------------------------------------------------------------------ sequences
     def sequence(self, name: str = "seq", *, position: int = 0) -> Sequence:
         """A new empty sequence whose first token will sit at RoPE ``position``."""
+        check_instance("name", name, str)
+        position = check_int("position", position, lo=0, hi=MAX_POSITION)
         return Sequence(self, [], [SegmentInfo(self.unique_name(name), 0, (), position)])
 
     def unique_name(self, hint: str) -> str:
         return f"{hint}#{next(self._names)}"
 
     def write_(self, layer: int | None, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V of tokens into ``slots`` (int64 ``[n]``). ``k``/``v``: ``[n, Hkv, D]`` for one
-        ``layer``, or ``[num_layers, n, Hkv, D]`` with ``layer=None``. Modifies the pools in place."""
+        """Write K/V of tokens into ``slots`` (int ``[n]``, distinct, on the store's device, e.g. from
+        `Sequence.reserve`). ``k``/``v``: ``[n, Hkv, D]`` for one ``layer``, or ``[num_layers, n, Hkv, D]``
+        with ``layer=None``, floating point, on the store's device. Modifies the pools in place, after
+        checking everything; slots on a CUDA device are checked for shape and dtype only (their range
+        would cost a device synchronisation at every layer of a decode step)."""
+        if layer is not None:
+            layer = check_int("layer", layer, lo=0, hi=self.num_layers - 1)
+        check_tensor("slots", slots, ndim=1, dtype=(torch.int32, torch.int64), device=self.device)
+        n_slots = self.num_pages * self.page_size
+        if slots.device.type == "cpu":
+            check_in_range("slots", slots, 0, n_slots, "slot ids (page * page_size + offset)")
+            check_unique("slots", slots, "slot ids", upper=n_slots)
+        want = (self.num_layers,) * (layer is None) + (slots.numel(), self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, dtype=ANY_FLOAT, device=self.device)
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name} must be {'[n' if layer is not None else '[num_layers, n'}, Hkv, D] = "
+                                 f"{list(want)} (n = slots.numel()), got {list(t.shape)}")
         if layer is None:
             kv, vv = slot_view(self.k_cache), slot_view(self.v_cache)
         else:
             kv, vv = slot_view(self.k_cache[layer])[0], slot_view(self.v_cache[layer])[0]
-        if k.shape != v.shape or k.dim() != kv.dim() or k.shape[-2:] != kv.shape[-2:] or k.shape[-3] != slots.numel():
-            raise ValueError(f"k/v must be {'[n' if layer is not None else '[num_layers, n'}, {kv.shape[-2]}, "
-                             f"{kv.shape[-1]}] with n = {slots.numel()}, got {tuple(k.shape)} and {tuple(v.shape)}")
         kv[..., slots, :, :] = k.to(self.k_cache.dtype)
         vv[..., slots, :, :] = v.to(self.v_cache.dtype)
 
@@ -207,10 +244,6 @@ def _segment(s: SegmentInfo, parents: tuple[str, ...] | None = None, length: int
     """The `Segment` of a stored segment (pads get no position: nobody sees them)."""
     return Segment(s.name, s.length if length is None else length, s.parents if parents is None else parents,
                    None if s.pad else s.position)
-
-
-def _ids(pages) -> list[int]:
-    return pages.tolist() if isinstance(pages, torch.Tensor) else [int(p) for p in pages]
 
 
 class Sequence:
@@ -308,6 +341,7 @@ class Sequence:
     # ------------------------------------------------------------------ writing
     def pages_needed(self, n: int) -> int:
         """Pages `reserve` (n) would allocate (new pages plus a copied shared last page)."""
+        n = check_int("n", n, lo=0)
         ps, length = self.store.page_size, self.length
         cow = n > 0 and length % ps != 0 and self.store.refcount[self.pages[-1]] > 1
         return self.store.pages_for(length + n) - len(self.pages) + int(cow)
@@ -321,8 +355,10 @@ class Sequence:
     def _grow(self, n: int) -> int:
         """`reserve` without computing the slots; returns the storage index of the first new token."""
         self._check_live()
-        if n < 0:
-            raise ValueError(f"reserve: n must be >= 0, got {n}")
+        n = check_int("n", n, lo=0)
+        if self.next_position + n - 1 > MAX_POSITION:
+            raise ValueError(f"reserve: {n} more tokens after position {self.next_position} overflow the "
+                             f"positions [0, {MAX_POSITION}]")
         store, ps, length = self.store, self.store.page_size, self.length
         cow = n > 0 and length % ps != 0 and store.refcount[self.pages[-1]] > 1
         grow = store.pages_for(length + n) - len(self.pages)
@@ -340,11 +376,22 @@ class Sequence:
 
     def append_kv(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append tokens' K/V of all layers, ``[num_layers, n, Hkv, D]`` (keys already rotated at
-        positions ``next_position, ...``). Returns their slots."""
-        if k.dim() != 4 or k.shape[0] != self.store.num_layers:
-            raise ValueError(f"append_kv takes [num_layers={self.store.num_layers}, n, Hkv, D], got {tuple(k.shape)}")
+        positions ``next_position, ...``; floating point, finite, any device). Returns their slots.
+        Everything is checked before a page is taken."""
+        self._check_live()
+        st = self.store
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, ndim=4, dtype=ANY_FLOAT)
+            if (t.shape[0], *t.shape[2:]) != (st.num_layers, st.num_kv_heads, st.head_dim):
+                raise ValueError(f"append_kv: {name} must be [num_layers={st.num_layers}, n, Hkv={st.num_kv_heads}, "
+                                 f"D={st.head_dim}], got {list(t.shape)}")
+        if k.shape != v.shape:
+            raise ValueError(f"append_kv: k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+        check_finite("k", k)
+        check_finite("v", v)
+        k, v = k.to(st.device), v.to(st.device)
         slots = self.reserve(k.shape[1])
-        self.store.write_(None, slots, k, v)
+        st.write_(None, slots, k, v)
         return slots
 
     # ------------------------------------------------------------------ lifetime
@@ -387,9 +434,11 @@ def fork(prefix: Sequence, n: int, *, name: str = "thread") -> list[Sequence]:
         >>> store.refcount[p.pages[0]], a.length, a.next_position
         (3, 8, 5)
     """
+    check_instance("fork: prefix", prefix, Sequence,
+                   " (a PagedKVStore makes one with store.sequence())" if isinstance(prefix, PagedKVStore) else "")
+    n = check_int("fork: n", n, lo=1)
+    check_instance("fork: name", name, str)
     prefix._check_live()
-    if n < 1:
-        raise ValueError(f"fork: n must be >= 1, got {n}")
     store, ps = prefix.store, prefix.store.page_size
     segs = list(prefix.segments)
     pad = -prefix.length % ps
@@ -404,19 +453,60 @@ def fork(prefix: Sequence, n: int, *, name: str = "thread") -> list[Sequence]:
     return threads
 
 
-def _common_prefix(threads: _Seq[Sequence]) -> tuple[int, int]:
-    """(number of shared leading segments, their storage length) of sibling threads."""
+def _alike(a: SegmentInfo, b: SegmentInfo) -> bool:
+    """Same segment; two pads of one length count as alike (storage filler that no token sees: the
+    pads two `fork` calls of one prefix add are the same slots of the prefix's last page)."""
+    return a == b or (a.pad and b.pad and a.length == b.length)
+
+
+def _common_prefix(threads: _Seq[Sequence], what: str) -> tuple[int, int]:
+    """(number of shared leading segments, their storage length) of sibling threads.
+
+    Siblings: the leading segments they hold alike (`_alike`, never a thread's open last segment)
+    lie in the same pages and end on a page boundary, and after them no two threads hold a segment
+    of one name (a sequence and its own descendant are not siblings). Threads of one `fork` call,
+    or of several calls on an unchanged prefix, are siblings; so are sequences with nothing in common.
+    """
     first = threads[0]
     k = 0
-    while all(k < len(t.segments) - 1 and t.segments[k] == first.segments[k] for t in threads):
+    while all(k < len(t.segments) - 1 and _alike(t.segments[k], first.segments[k]) for t in threads):
         k += 1
+    owner = {}
+    for i, t in enumerate(threads):
+        for s in t.segments[k:]:
+            j = owner.setdefault(s.name, i)
+            if j != i:
+                raise ValueError(f"{what}: threads[{j}] and threads[{i}] both hold segment {s.name!r} past their "
+                                 f"common prefix: one continues the other, or their prefix changed between fork "
+                                 f"calls. {what} takes sibling threads of a common prefix (from kvfuse.fork)")
     n = sum(s.length for s in first.segments[:k])
     ps = first.store.page_size
     if n % ps:
-        raise ValueError("threads must share a page-aligned prefix (make them with kvfuse.fork)")
+        raise ValueError(f"{what}: the threads' common prefix ({n} tokens) does not end on a page boundary "
+                         f"(make them with kvfuse.fork)")
     if any(t.pages[: n // ps] != first.pages[: n // ps] for t in threads):
-        raise ValueError("threads do not share their prefix pages (make them with kvfuse.fork)")
+        raise ValueError(f"{what}: the threads do not share their common prefix's pages (make them with kvfuse.fork)")
     return k, n
+
+
+def _check_rows(what: str, rows, noun: str = "threads") -> list[Sequence]:
+    """``rows`` as a non-empty list of distinct live sequences of one store."""
+    if isinstance(rows, Sequence):
+        raise TypeError(f"{what}: {noun} must be a list of kvfuse.Sequence, got a single Sequence (pass [seq])")
+    try:
+        rows = list(rows)
+    except TypeError:
+        raise TypeError(f"{what}: {noun} must be a list of kvfuse.Sequence, got {type(rows).__name__}") from None
+    if not rows:
+        raise ValueError(f"{what}: {noun} must not be empty")
+    for i, r in enumerate(rows):
+        check_instance(f"{what}: {noun}[{i}]", r, Sequence)
+        r._check_live()
+    if len({id(r) for r in rows}) != len(rows):
+        raise ValueError(f"{what}: a sequence is listed twice")
+    if any(r.store is not rows[0].store for r in rows):
+        raise ValueError(f"{what}: the sequences belong to different stores")
+    return rows
 
 
 def _span(segs: _Seq[SegmentInfo]) -> tuple[int, int]:
@@ -443,7 +533,11 @@ def merge(threads: _Seq[Sequence], layout: str = "sequential", *, keep_threads: 
       Exact for layer 0 and the first thread only; see the module docstring.
 
     Args:
-        threads: live sibling `Sequence`s sharing a prefix made by `fork` (any token counts, 0 allowed).
+        threads: a list of live sibling `Sequence`s of one store (any token counts, 0 allowed):
+            threads of one `fork` call, or of several `fork` calls of one prefix that did not change
+            in between, or sequences with no common prefix at all (composed one after the other).
+            A sequence and its own descendant (a prefix and its thread) are not siblings:
+            ``ValueError``.
         layout: "sequential" or "shared".
         keep_threads: keep the threads usable (their pages are then never modified). By default
             they are released: their pages now belong to the merged sequence.
@@ -452,26 +546,21 @@ def merge(threads: _Seq[Sequence], layout: str = "sequential", *, keep_threads: 
         threads and in newly allocated pages.
 
     Raises:
-        RuntimeError: the store has too few free pages for the copies (nothing changed then).
+        RuntimeError: the store has too few free pages for the copies.
+        ValueError, TypeError: bad arguments, or a move the store's rotation cannot make.
+        Nothing has changed when it raises.
     """
-    threads = list(threads)
-    if not threads:
-        raise ValueError("merge: threads must not be empty")
+    threads = _check_rows("merge", threads)
     if layout not in ("sequential", "shared"):
         raise ValueError(f"merge: layout must be 'sequential' or 'shared', got {layout!r}")
-    for t in threads:
-        t._check_live()
-    if len({id(t) for t in threads}) != len(threads):
-        raise ValueError("merge: a thread is listed twice")
+    check_instance("merge: name", name, str)
     store = threads[0].store
-    if any(t.store is not store for t in threads):
-        raise ValueError("merge: threads belong to different stores")
     rope = store.rope
     if rope is None:  # nothing may move: the shared layout still works
         rope = ModelRope((None,) * store.num_layers, unmovable="merge: moving tokens (layout='sequential') needs "
                          "the store's rotation (PagedKVStore(..., rope=...))")
     ps = store.page_size
-    k, n_pre = _common_prefix(threads)
+    k, n_pre = _common_prefix(threads, "merge")
     prefix_segs = threads[0].segments[:k]
 
     sources, new_pos, out_segs = [], [], list(prefix_segs)
@@ -504,16 +593,18 @@ def merge(threads: _Seq[Sequence], layout: str = "sequential", *, keep_threads: 
                                      lo, give_up=give_up))
         new_pos.append(target)
     last_pos = max([s.position + s.length for s in out_segs if not s.pad] or [0])
+    if any(p != s.position for s, p in zip(sources, new_pos)):
+        rope.check_movable()
     out_segs.append(SegmentInfo(store.unique_name(name), 0, tuple(join_parents), last_pos))
 
     if not sources:  # nothing stored at all
         return Sequence(store, [], out_segs)
-    dst = store.alloc(pages_needed(sources, ps, positions=new_pos))
+    dst = store._alloc_ids(pages_needed(sources, ps, positions=new_pos))
     try:
-        composed = compose(store.k_cache, store.v_cache, sources, rope, positions=new_pos, dst_pages=dst,
-                           backend=backend)
+        composed = compose(store.k_cache, store.v_cache, sources, rope, positions=new_pos,
+                           dst_pages=torch.tensor(dst, dtype=torch.int32), backend=backend)
     except Exception:
-        store.decref(dst)
+        store._unalloc(dst)
         raise
     store.incref(composed.reused_pages)
     merged = Sequence(store, composed.pages.tolist(), out_segs)
@@ -564,14 +655,13 @@ def batch_plan(rows: _Seq[Sequence], q_len: int | _Seq[int], *, hogwild: bool = 
         >>> q = torch.randn(2, 2, 8)
         >>> out = kvfuse.attention(q, store.k_cache[0], store.v_cache[0], bp.block_table, bp.plan)
     """
-    rows = list(rows)
-    if not rows:
-        raise ValueError("batch_plan: rows must not be empty")
-    q_lens = [int(q_len)] * len(rows) if isinstance(q_len, int) else [int(x) for x in q_len]
+    rows = _check_rows("batch_plan", rows, "rows")
+    if isinstance(q_len, numbers.Integral | str) or not isinstance(q_len, _Seq):
+        q_lens = [check_int("batch_plan: q_len", q_len, lo=0)] * len(rows)
+    else:
+        q_lens = [check_int(f"batch_plan: q_len[{i}]", x, lo=0) for i, x in enumerate(q_len)]
     if len(q_lens) != len(rows):
         raise ValueError(f"batch_plan: one q_len per row ({len(rows)}), got {len(q_lens)}")
-    for r in rows:
-        r._check_live()
     store = rows[0].store
     if hogwild and len(rows) > 1:
         tables, views = _hogwild_views(rows, q_lens)
@@ -583,7 +673,8 @@ def batch_plan(rows: _Seq[Sequence], q_len: int | _Seq[int], *, hogwild: bool = 
     graphs, shapes = [], {}
     for segs in views:
         index = {s.name: i for i, s in enumerate(segs)}
-        key = tuple((s.length, tuple(index.get(p, -1) for p in s.parents), s.position) for s in segs)
+        key = (len(index),) + tuple((s.length, tuple(index.get(p, -1) for p in s.parents), s.position)
+                                    for s in segs)  # len(index): duplicate names never share a valid key
         g = shapes.get(key)
         if g is None:
             g = shapes[key] = SegmentGraph(segs)  # validates names, parents and cycles
@@ -604,7 +695,7 @@ def _block_table(tables: list[list[int]], device) -> torch.Tensor:
 
 def _hogwild_views(rows, q_lens):
     ps = rows[0].store.page_size
-    k, n_pre = _common_prefix(rows)
+    k, n_pre = _common_prefix(rows, "batch_plan(hogwild=True)")
     prefix = [_segment(s) for s in rows[0].segments[:k]]
     tables, views = [], []
     for i, r in enumerate(rows):

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from kvfuse import _C  # noqa: F401 - ImportError here means "the extension is not built"
 from kvfuse.dispatch import register
+
+try:
+    from kvfuse import _C
+except ImportError as e:  # the extension is not built (or was built against another torch)
+    raise ImportError(f"the CUDA extension kvfuse._C is not available ({e}); reinstall with "
+                      f"`pip install --no-build-isolation -e .` on a CUDA build of torch") from e
 
 POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTN_DTYPES = (torch.float16, torch.bfloat16)

@@ -25,8 +25,8 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def _device_reasons(t: torch.Tensor) -> list[str]:
-    if t.device.type == "cuda":
+def _device_reasons(t: torch.Tensor | None) -> list[str]:
+    if t is None or t.device.type == "cuda":
         return []
     if t.device.type == "cpu" and interpreting():
         return []
@@ -45,6 +45,8 @@ def _cache_reasons(name: str, cache: torch.Tensor) -> list[str]:
 
 
 def _rope_reasons(k_cache=None, rotary_dim=None, interleaved=None, **_) -> list[str]:
+    if k_cache is None:
+        return []
     why = _cache_reasons("k_cache", k_cache)
     if rotary_dim is not None and (rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > k_cache.shape[-1]):
         why.append(f"rotary_dim={rotary_dim} must be even and in (0, head_dim]")
@@ -52,6 +54,8 @@ def _rope_reasons(k_cache=None, rotary_dim=None, interleaved=None, **_) -> list[
 
 
 def _attention_reasons(q=None, k_cache=None, plan=None, **_) -> list[str]:
+    if q is None:
+        return []
     why = _device_reasons(q)
     if q.dtype not in FLOATS:
         why.append(f"q dtype {q.dtype} is not float16/bfloat16/float32")
@@ -67,6 +71,8 @@ def _attention_reasons(q=None, k_cache=None, plan=None, **_) -> list[str]:
 
 
 def _merge_reasons(v=None, **_) -> list[str]:
+    if v is None:
+        return []
     why = _device_reasons(v)
     if v.dtype not in FLOATS:
         why.append(f"dtype {v.dtype} is not float16/bfloat16/float32")

@@ -10,6 +10,9 @@ Each scenario prints one GitHub-markdown table per case: provider, median / p20 
 TB/s or effective TFLOP/s, fraction of the ceiling and speed-up over the baseline. Providers that
 cannot run (not importable, unsupported inputs, no GPU) are listed as skipped with the reason; a
 provider that fails is reported and the run goes on. See bench/README.md for every column.
+
+Exit status: 0; 1 when a provider disagrees with the reference (--check), or when a scenario that
+ran measured nothing (every requested provider was skipped or failed); 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -218,7 +221,20 @@ def main(argv=None) -> int:
     if wrong:
         print(f"\n{len(wrong)} provider(s) disagree with the reference: " + ", ".join(
             f"{r.scenario}/{r.label}" for r in wrong), file=sys.stderr)
-    return 1 if wrong else 0
+    idle = _idle_scenarios(ctx.results)
+    if idle:
+        print(f"\nnothing was measured in {', '.join(idle)}: every requested provider was skipped or failed "
+              "(see the notes above)", file=sys.stderr)
+    return 1 if wrong or idle else 0
+
+
+def _idle_scenarios(results: list[Result]) -> list[str]:
+    """Scenarios that ran (not left out by --time-limit) and gave no "ok" row."""
+    statuses: dict[str, set[str]] = {}
+    for r in results:
+        if not (r.case == "(scenario)" and r.status == "skipped"):
+            statuses.setdefault(r.scenario, set()).add(r.status)
+    return [s for s, st in statuses.items() if "ok" not in st]
 
 
 def _start_warmup(ctx: Ctx, names: tuple[str, ...]):

@@ -56,7 +56,7 @@ def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, table_idx: torch.Tenso
     cos/sin table row ``table_idx`` of each slot, all layers.
 
     k_cache: contiguous ``[(L,) P, page_size, H, D]`` fp16/bf16/fp32; slots: int32/int64 ``[N]``
-    distinct slot ids; table_idx: int ``[N]``; cos/sin: float32 ``[U, rotary_dim // 2]``.
+    distinct slot ids, any stride; table_idx: int ``[N]``; cos/sin: float32 ``[U, rotary_dim // 2]``.
     """
     n = slots.numel()
     if n == 0:
@@ -68,6 +68,6 @@ def rerotate_(k_cache: torch.Tensor, slots: torch.Tensor, table_idx: torch.Tenso
     h_p, half_p = triton.next_power_of_2(h), triton.next_power_of_2(half)
     bs = slot_block(n, h_p * half_p, elems_per_program(k_cache))
     grid = (triton.cdiv(n, bs), layers)
-    _rerotate_kernel[grid](k_cache, slots, table_idx.contiguous(), cos.contiguous(), sin.contiguous(), n,
+    _rerotate_kernel[grid](k_cache, slots.contiguous(), table_idx.contiguous(), cos.contiguous(), sin.contiguous(), n,
                            layer_stride, H=h, D=d, HALF=half, H_P=h_p, HALF_P=half_p, BLOCK_S=bs,
                            INTERLEAVED=bool(interleaved), num_warps=8 if bs * h_p * half_p >= 4096 else 4)
