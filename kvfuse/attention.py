@@ -377,6 +377,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         raise ValueError(f"block_table has {block_table.shape[1]} columns, the longest sequence needs {need} pages")
     _check_block_table(plan, block_table, k_cache.shape[0], page_size)
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    if sm_scale == 0.0:  # every score is 0: a uniform softmax (kernels would compute -inf * 0 on masked keys)
+        q, sm_scale = torch.zeros_like(q), 1.0
     if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap >= 0 or \
             softcap == float("inf"):
         raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")

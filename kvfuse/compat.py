@@ -59,7 +59,7 @@ def _is_bottom_right_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
          dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
-         segments: SegmentGraph | list[SegmentGraph] | AttentionPlan | None = None,
+         segments: SegmentGraph | list[SegmentGraph] | AttentionPlan | None = None, softcap: float = 0.0,
          backend: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` with kvfuse's segment attention underneath.
 
@@ -80,6 +80,9 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
             row, or an `AttentionPlan`: the keys are the composed sequence (``S`` tokens, or each
             graph's token count when shorter: the rest of a row is ignored) and the queries are its
             last ``L`` tokens. Exclusive with ``attn_mask`` and ``is_causal``.
+        softcap: (kvfuse extension) attention-logit soft-capping, as Gemma 2: the scaled scores ``s``
+            become ``softcap * tanh(s / softcap)`` before the mask and the softmax; 0 (default) is off.
+            The torch fallback then computes the attention itself (torch's SDPA has no soft-cap).
         backend: kvfuse backend ("auto", "cuda", "triton", "torch").
 
     Example:
@@ -104,8 +107,7 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
         if segments is not None:
             raise ValueError("sdpa: segments needs non-empty 4D query/key/value of one dtype, equal head dims, "
                              "no gradients")
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap)
     b, hq, q_len, d = query.shape
     kv_len = key.shape[2]
     p = None
@@ -127,8 +129,7 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
                                                                                                   kv_len):
         pass
     else:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap)
     if p is None:
         p = _uniform_plan(b, q_len, kv_len, str(query.device))
     if scale is not None and float(scale) == 0.0:  # every score is 0: zero queries at scale 1 say so exactly
@@ -137,8 +138,33 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     vc, _ = _dense_pool(value[:, :, :kv_len], _PAGE)
     table = torch.arange(b * n_pages, dtype=torch.int32, device=query.device).view(b, n_pages)
     q = query.transpose(1, 2).reshape(b * q_len, hq, d)
-    out = attention(q, kc, vc, table, p, sm_scale=scale, backend=backend)
+    out = attention(q, kc, vc, table, p, sm_scale=scale, softcap=softcap, backend=backend)
     return out.view(b, q_len, hq, d).transpose(1, 2)
+
+
+def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap):
+    """torch's SDPA, or with ``softcap`` the same computation written out (torch's has no soft-cap):
+    scores in the inputs' dtype, capped, masked, softmax in float32, as transformers' eager attention."""
+    if not softcap:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if not softcap > 0:
+        raise ValueError(f"sdpa: softcap must be >= 0 (0: off), got {softcap!r}")
+    L, S = query.shape[-2], key.shape[-2]
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    s = torch.matmul(query, key.transpose(-2, -1)) * scale
+    s = softcap * torch.tanh(s / softcap)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    p = torch.softmax(s.float(), dim=-1).to(query.dtype)
+    if dropout_p:
+        p = F.dropout(p, dropout_p)
+    return torch.matmul(p, value)
 
 
 def _rotate_at(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):

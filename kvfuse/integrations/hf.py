@@ -5,15 +5,25 @@ APIs (``AttentionInterface`` and ``AttentionMaskInterface``; nothing is patched)
 
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="kvfuse")
 
-runs every attention through kvfuse. Tested with the Llama, Qwen2, Mistral and GPT-NeoX families.
+runs every attention through kvfuse. Tested with transformers 5.10 and 5.24 on the Llama, Qwen2, Mistral,
+Gemma 2 / 3 and GPT-NeoX families (`tests/test_hf_integration.py`, `tests/test_model_zoo.py`).
 
 * With transformers' own caches (``DynamicCache``, or none) the attention goes through `kvfuse.sdpa`:
-  causal / decode masks run on `kvfuse.attention`, any other mask (padding) on torch's SDPA.
+  causal / decode masks run on `kvfuse.attention`, any other mask (padding, sliding windows that
+  reach past the keys, packed sequences) on torch's SDPA; attention-logit soft-capping (Gemma 2) is
+  computed on both paths.
 * With a `KVFuseCache` the K/V live in a `kvfuse.PagedKVStore`; each batch row is a
   `kvfuse.Sequence` (a prefix, a thread, a merged sequence...), new tokens are appended to its pages
   and every layer runs ONE batched `kvfuse.attention` call over all rows with their segment masks
-  (planned once per forward, reused by every layer). `decode` and `prefill` wrap this;
-  `model.generate` works on a `KVFuseCache` too (see `KVFuseCache.generate_inputs`).
+  (planned once per forward, reused by every layer), with the layer's sliding window (over RoPE
+  positions) and soft-capping. `decode` and `prefill` wrap this; `model.generate` works on a
+  `KVFuseCache` too (see `KVFuseCache.generate_inputs`).
+
+What is refused, by name, rather than run wrong: models whose attention kvfuse cannot compute
+(attention sinks, ALiBi / position biases, chunked attention, multi-head latent attention, ...;
+`kvfuse.integrations.hf_config`), any attention argument a model passes that kvfuse does not know,
+padding or custom masks on a `KVFuseCache`, and ``position_ids`` that do not continue the cache's rows.
+A refused forward changes nothing: the rows' pages and segments are as before.
 
 Positions: the model rotates new keys at the ``position_ids`` it is given. After a merge in the
 "shared" layout the next position is not the token count, so pass ``position_ids`` (the helpers
@@ -40,49 +50,80 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+try:
+    from transformers import AttentionInterface, LlamaModel
+    from transformers.cache_utils import Cache
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(f"kvfuse.integrations.hf needs transformers >= 5.10 ({e}): pip install 'kvfuse[hf]'") from e
 
 from kvfuse.attention import attention
-from kvfuse.compat import _is_bottom_right_causal, sdpa
+from kvfuse.compat import sdpa
+from kvfuse.integrations.hf_config import UnsupportedModel, cache_shape, unsupported_attention
 from kvfuse.paged import to_device_async
-from kvfuse.threads import BatchPlan, PagedKVStore, Sequence, batch_plan
+from kvfuse.threads import BatchPlan, PagedKVStore, Sequence, _check_rows, batch_plan
 
-__all__ = ["NAME", "KVFuseCache", "register", "attention_forward", "prefill", "decode"]
+__all__ = ["NAME", "KVFuseCache", "UnsupportedModel", "register", "attention_forward", "prefill", "decode"]
 
 NAME = "kvfuse"
 
+# The keyword models take their cache by: ``cache`` (transformers >= 5.24), formerly ``past_key_values``.
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
-def _cache_keyword() -> str:
-    """The keyword models take their cache by: ``cache`` (transformers >= 5.24), formerly ``past_key_values``."""
-    import inspect
+# Attention arguments models pass that do not change what the attention computes (bookkeeping, or
+# packing information that transformers also turns into the mask).
+_BOOKKEEPING = frozenset({
+    "position_ids", "cache_position", "output_attentions", "output_hidden_states", "output_router_logits",
+    "use_cache", "return_dict", "num_items_in_batch", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+    "max_length_k", "seq_idx", "position_embeddings", "layer_idx", "is_causal", "sliding_window", "softcap",
+})
+# Arguments kvfuse cannot honour, with what they mean (anything else unknown is refused by its name).
+_MEANING = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bias": "a position bias (ALiBi / "
+            "relative positions)", "alibi": "ALiBi position biases", "indices": "sparse attention indices",
+            "block_indices": "block-sparse attention indices", "attention_chunk_size": "chunked attention"}
 
-    from transformers import LlamaModel
 
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-_CACHE_KW = _cache_keyword()
+def _options(module, kwargs) -> tuple[int | None, float]:
+    """The sliding window and soft-cap a layer asks for; raises `UnsupportedModel` on an argument
+    kvfuse cannot honour (naming it and the model)."""
+    for key, value in kwargs.items():
+        if key in _BOOKKEEPING or value is None or value is False:
+            continue
+        model = getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+        what = _MEANING.get(key, "an attention argument kvfuse does not know")
+        raise UnsupportedModel(f"{model}: its attention passes {key}= ({what}), which kvfuse's attention does not "
+                               f"compute; use another attn_implementation for this model")
+    window = kwargs.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise UnsupportedModel(f"sliding_window={window!r}: kvfuse takes a window of >= 1 positions")
+    softcap = kwargs.get("softcap") or 0.0
+    return window, float(softcap)
 
 
 @dataclasses.dataclass
 class _PagedLayer:
-    """What `KVFuseCache.update` returns instead of dense K/V: the layer lives in the paged store."""
+    """What `KVFuseCache.update` returns instead of dense K/V: this layer's new K/V, written to the
+    paged store by the attention call (after its checks), never before."""
 
     cache: KVFuseCache
     layer: int
+    key: torch.Tensor  # [B, Hkv, q, D], keys rotated
+    value: torch.Tensor
 
 
 @dataclasses.dataclass
 class _Step:
+    """One forward over the rows: their new slots, the plan, the layers done, and how to undo it."""
+
     q_len: int
-    positions: torch.Tensor  # int64 [B, q_len] expected position ids
+    slots: torch.Tensor
     plan: BatchPlan
-    layers: set
-    checked: bool = False
+    undo: list  # per row: (pages, segments) before the step
+    layers: set = dataclasses.field(default_factory=set)
 
 
 class KVFuseCache(Cache):
@@ -90,67 +131,67 @@ class KVFuseCache(Cache):
 
     Args:
         store: the paged store (shaped for the model: `PagedKVStore.from_hf`; same dtype/device).
-        rows: one live `kvfuse.Sequence` per batch row. New tokens are appended to them in place (their
-            pages and the store's pools are modified); a forward of ``q`` tokens appends ``q`` to each.
+        rows: one live `kvfuse.Sequence` per batch row (distinct). New tokens are appended to them in
+            place (their pages and the store's pools are modified); a forward of ``q`` tokens appends
+            ``q`` to each.
         hogwild: rows are sibling threads that also see each other's earlier tokens (`kvfuse.batch_plan`).
-        config: the model's config; used to check that the model runs ``attn_implementation="kvfuse"``.
+        config: the model's config: checked against the store (layers, KV heads, head_dim) and for
+            attention features kvfuse cannot compute (`UnsupportedModel`), and used to check that the
+            model runs ``attn_implementation="kvfuse"``.
 
     Only ``attn_implementation="kvfuse"`` can read this cache. Beam search, ``crop`` and the other
-    batch reshaping methods are not supported (fork threads instead).
+    batch reshaping methods are not supported (fork threads instead). A forward that raises (a
+    refused mask, wrong positions, an unsupported attention argument, out of pages) leaves every row
+    as it was; a forward interrupted between layers by anything else is undone when the next one starts.
     """
 
     def __init__(self, store: PagedKVStore, rows: list[Sequence], *, hogwild: bool = False, config=None):
         super().__init__(layers=[])
-        rows = list(rows)
-        if not rows:
-            raise ValueError("KVFuseCache needs at least one row")
-        if any(r.store is not store for r in rows):
+        if not isinstance(store, PagedKVStore):
+            raise TypeError(f"KVFuseCache: store must be a kvfuse.PagedKVStore, got {type(store).__name__}")
+        rows = _check_rows("KVFuseCache", rows, "rows")
+        if rows[0].store is not store:
             raise ValueError("KVFuseCache: every row must belong to the given store")
-        self.store, self.rows, self.hogwild, self.config = store, rows, hogwild, config
+        if config is not None:
+            why = unsupported_attention(config)
+            if why:
+                raise UnsupportedModel("KVFuseCache: " + "; ".join(why))
+            want = cache_shape(config)
+            have = (store.num_layers, store.num_kv_heads, store.head_dim)
+            if want != have:
+                raise ValueError(f"KVFuseCache: the model caches (layers, KV heads, head_dim) = {want}, the store "
+                                 f"holds {have}; make it with PagedKVStore.from_hf(config, ...)")
+        self.store, self.rows, self.hogwild, self.config = store, rows, bool(hogwild), config
         self._step: _Step | None = None
         self._issued: tuple | None = None  # (tensor, its version, host copy) last returned by position_ids
 
     # ------------------------------------------------------------------ transformers' Cache API
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
-        """Append ``key_states``/``value_states`` (``[B, Hkv, q, D]``, keys rotated) of layer
-        ``layer_idx`` to the rows' pages. Layer 0 of a forward reserves the rows' new slots and plans
-        the batched attention; later layers reuse that."""
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Take this layer's new keys/values (``[B, Hkv, q, D]``, keys rotated). They are written to the
+        rows' pages by the layer's attention call, after its checks; nothing is written here."""
         if self.config is not None and getattr(self.config, "_attn_implementation", NAME) != NAME:
             raise ValueError(f"KVFuseCache needs attn_implementation={NAME!r}, the model runs "
                              f"{self.config._attn_implementation!r}")
         b, h, q, d = key_states.shape
         if b != len(self.rows):
             raise ValueError(f"KVFuseCache holds {len(self.rows)} rows, the forward has batch size {b}")
-        if (h, d) != (self.store.num_kv_heads, self.store.head_dim):
+        if (h, d) != (self.store.num_kv_heads, self.store.head_dim) or value_states.shape != key_states.shape:
             raise ValueError(f"KVFuseCache: the store holds {self.store.num_kv_heads} KV heads of "
-                             f"{self.store.head_dim}, the model gives {h} of {d}")
-        if self._step is None or layer_idx in self._step.layers:
-            self._begin(q)
-        self._step.layers.add(layer_idx)
-        slots = self._slots
-        k = key_states.transpose(1, 2).reshape(b * q, h, d)
-        v = value_states.transpose(1, 2).reshape(b * q, h, d)
-        self.store.write_(layer_idx, slots, k, v)
-        marker = _PagedLayer(self, layer_idx)
+                             f"{self.store.head_dim}, the model gives keys {tuple(key_states.shape)} and values "
+                             f"{tuple(value_states.shape)}")
+        if not 0 <= layer_idx < self.store.num_layers:
+            raise ValueError(f"KVFuseCache: layer {layer_idx} is outside the store's {self.store.num_layers} layers")
+        marker = _PagedLayer(self, layer_idx, key_states, value_states)
         return marker, marker
-
-    def _begin(self, q: int):
-        """Reserve ``q`` slots per row and plan the step. Host work only: the slots and the plan's
-        metadata reach the device in non-blocking copies (no synchronisation per step)."""
-        need = sum(r.pages_needed(q) for r in self.rows)
-        if need > self.store.num_free:
-            raise RuntimeError(f"KVFuseCache: out of pages: this forward needs {need}, {self.store.num_free} free")
-        starts = [r.next_position for r in self.rows]
-        positions = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(q)
-        self._slots = to_device_async(torch.cat([r._host_slots(r._grow(q), q) for r in self.rows]), self.store.device)
-        self._step = _Step(q, positions, batch_plan(self.rows, q, hogwild=self.hogwild), set())
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Real tokens of row 0 (pads excluded)."""
         return self.rows[0].num_tokens
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return max(r.num_tokens for r in self.rows) + query_length, 0
+    def get_mask_sizes(self, query, layer_idx: int = 0) -> tuple[int, int]:
+        """``query``: the query length (transformers >= 5.x) or the cache positions tensor (earlier)."""
+        q = query.shape[-1] if isinstance(query, torch.Tensor) else int(query)
+        return max(r.num_tokens for r in self.rows) + q, 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length()
@@ -174,6 +215,14 @@ class KVFuseCache(Cache):
         return [False] * self.store.num_layers
 
     @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.store.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.store.num_layers
+
+    @property
     def batch_size(self) -> int:
         return len(self.rows)
 
@@ -189,11 +238,14 @@ class KVFuseCache(Cache):
     # ------------------------------------------------------------------ helpers
     def position_ids(self, n: int) -> torch.Tensor:
         """int64 ``[B, n]``: the positions of each row's next ``n`` tokens."""
-        host = torch.tensor([r.next_position for r in self.rows], dtype=torch.int64)[:, None] + torch.arange(n)
+        host = self._positions(n)
         out = to_device_async(host, self.store.device)
         # a forward given exactly this tensor, unmodified, needs no device-side comparison
         self._issued = (out, out._version, host)
         return out
+
+    def _positions(self, n: int) -> torch.Tensor:
+        return torch.tensor([r.next_position for r in self.rows], dtype=torch.int64)[:, None] + torch.arange(n)
 
     def generate_inputs(self, input_ids: torch.Tensor) -> dict:
         """Keyword arguments for ``model.generate`` that continue the rows with ``input_ids``
@@ -202,34 +254,93 @@ class KVFuseCache(Cache):
         b, n = input_ids.shape
         mask = torch.ones(b, max(r.num_tokens for r in self.rows) + n, dtype=torch.long, device=input_ids.device)
         return {"input_ids": input_ids, "attention_mask": mask,
-                "position_ids": self.position_ids(n).to(input_ids.device), _CACHE_KW: self}
+                "position_ids": self.position_ids(n).to(input_ids.device), CACHE_KW: self}
 
-    def _attend(self, query, layer, attention_mask, scaling, kwargs):
+    # ------------------------------------------------------------------ one forward
+    def _check_first_layer(self, query, layer: _PagedLayer, attention_mask, kwargs) -> None:
+        """Everything a forward can be refused for, checked before the rows grow."""
+        b, _, q, _ = query.shape
+        if query.dtype != self.store.k_cache.dtype or layer.key.dtype != self.store.k_cache.dtype:
+            raise ValueError(f"KVFuseCache: the model runs in {query.dtype}, the store holds {self.store.k_cache.dtype}")
+        want = self._positions(q)
+        pos = kwargs.get("position_ids")
+        issued = self._issued
+        if issued is not None and pos is issued[0] and pos._version == issued[1] and torch.equal(issued[2], want):
+            pos = None  # the tensor of position_ids(), unmodified and still right: no device round trip
+        if pos is not None and not torch.equal(pos.cpu().expand(b, q), want):
+            raise ValueError(f"position_ids {pos.tolist()} do not continue the cache's rows (expected "
+                             f"{want.tolist()}); pass position_ids=cache.position_ids(n)")
+        if attention_mask is not None:
+            _check_mask(attention_mask, q, self.rows[0].num_tokens, kwargs.get("sliding_window"))
+        need = sum(r.pages_needed(q) for r in self.rows)
+        if need > self.store.num_free:
+            raise RuntimeError(f"KVFuseCache: out of pages: this forward needs {need}, {self.store.num_free} free")
+
+    def _begin(self, q: int) -> None:
+        """Reserve ``q`` slots per row and plan the step. Host work only: the slots and the plan's
+        metadata reach the device in non-blocking copies (no synchronisation per step)."""
+        undo = [(list(r.pages), list(r.segments)) for r in self.rows]
+        try:
+            slots = torch.cat([r._host_slots(r._grow(q), q) for r in self.rows])
+            self._step = _Step(q, to_device_async(slots, self.store.device),
+                               batch_plan(self.rows, q, hogwild=self.hogwild), undo)
+        except Exception:
+            self._undo(undo)
+            raise
+
+    def _undo(self, undo) -> None:
+        """Put every row back as it was before the step (pages it took are released)."""
+        for r, (pages, segments) in zip(self.rows, undo):
+            now = set(r.pages)
+            before = set(pages)
+            self.store.incref([p for p in pages if p not in now])  # a shared last page copied on write
+            self.store.decref([p for p in r.pages if p not in before])
+            r.pages, r.segments = pages, segments
+        self._step = None
+
+    def _attend(self, module, query, layer: _PagedLayer, attention_mask, scaling, kwargs):
+        window, softcap = _options(module, kwargs)
+        if getattr(module, "is_causal", True) is False or kwargs.get("is_causal") is False:
+            raise UnsupportedModel("KVFuseCache: bidirectional (non-causal) attention is not supported")
         step = self._step
-        b, hq, q, d = query.shape
-        if not step.checked:
-            pos = kwargs.get("position_ids")
-            issued = self._issued
-            if issued is not None and pos is issued[0] and pos._version == issued[1] and \
-                    torch.equal(issued[2], step.positions):
-                pos = None  # the tensor of position_ids(), unmodified and still right: no device round trip
-            if pos is not None and not torch.equal(pos.to(step.positions.device).expand(b, q), step.positions):
-                raise ValueError(f"position_ids {pos.tolist()} do not continue the cache's rows (expected "
-                                 f"{step.positions.tolist()}); pass position_ids=cache.position_ids(n)")
-            if attention_mask is not None and not _is_bottom_right_causal(attention_mask, q, attention_mask.shape[-1]):
-                raise ValueError("KVFuseCache: padding or custom attention masks are not supported; each row is its "
-                                 "own paged sequence and its segment graph is the mask")
-            step.checked = True
-        window = kwargs.get("sliding_window")
-        if window is not None and max(r.length for r in self.rows) > window:
-            raise NotImplementedError(f"KVFuseCache: sliding-window attention (window {window}) is not supported")
-        if query.dtype != self.store.k_cache.dtype:
-            raise ValueError(f"KVFuseCache: the model runs in {query.dtype}, "
-                             f"the store holds {self.store.k_cache.dtype}")
-        qf = query.transpose(1, 2).reshape(b * q, hq, d)
-        out = attention(qf, self.store.k_cache[layer], self.store.v_cache[layer], step.plan.block_table,
-                        step.plan.plan, sm_scale=scaling)
+        if step is None or layer.layer in step.layers:  # a new forward
+            if step is not None and len(step.layers) < self.store.num_layers:
+                self._undo(step.undo)  # the previous forward stopped between layers
+            self._check_first_layer(query, layer, attention_mask, kwargs)
+            self._begin(query.shape[2])
+            step = self._step
+        try:
+            b, hq, q, d = query.shape
+            if q != step.q_len:
+                raise ValueError(f"KVFuseCache: layer {layer.layer} has {q} queries, the forward {step.q_len}")
+            k = layer.key.transpose(1, 2).reshape(b * q, *layer.key.shape[1::2])
+            v = layer.value.transpose(1, 2).reshape(b * q, *layer.value.shape[1::2])
+            self.store.write_(layer.layer, step.slots, k, v)
+            qf = query.transpose(1, 2).reshape(b * q, hq, d)
+            out = attention(qf, self.store.k_cache[layer.layer], self.store.v_cache[layer.layer],
+                            step.plan.block_table, step.plan.plan, sm_scale=scaling, softcap=softcap, window=window)
+        except Exception:
+            self._undo(step.undo)
+            raise
+        step.layers.add(layer.layer)
         return out.view(b, q, hq, d)
+
+
+def _check_mask(mask: torch.Tensor, q: int, q_offset: int, window: int | None) -> None:
+    """A mask transformers built for a `KVFuseCache` must be its plain causal (sliding) pattern: any
+    other is padding or a custom mask, which a paged row (whose mask is its segment graph) cannot take."""
+    ok = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-2] == q
+    if ok:
+        kv = mask.shape[-1]
+        qi = q_offset + torch.arange(q, device=mask.device)[:, None]
+        ki = torch.arange(kv, device=mask.device)[None, :]
+        want = ki <= qi
+        if window is not None:
+            want &= ki > qi - window
+        ok = bool((mask == want).all())
+    if not ok:
+        raise ValueError("KVFuseCache: padding or custom attention masks are not supported; each row is its own "
+                         "paged sequence and its segment graph is the mask")
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -237,14 +348,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """The function registered as ``attn_implementation="kvfuse"`` (transformers' attention signature).
 
     ``query`` ``[B, Hq, q, D]``; ``key``/``value`` ``[B, Hkv, S, D]`` from a transformers cache, or
-    the paged layer of a `KVFuseCache`. Returns ``([B, q, Hq, D], None)``.
+    the paged layer of a `KVFuseCache`. Returns ``([B, q, Hq, D], None)``. Raises `UnsupportedModel`
+    for an attention argument kvfuse does not compute.
     """
     if isinstance(key, _PagedLayer):
-        return key.cache._attend(query, key.layer, attention_mask, scaling, kwargs), None
+        return key.cache._attend(module, query, key, attention_mask, scaling, kwargs), None
+    _, softcap = _options(module, kwargs)  # a sliding window arrives as the mask transformers built
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = query.shape[2] > 1 and attention_mask is None and is_causal
     out = sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-               enable_gqa=query.shape[1] != key.shape[1])
+               enable_gqa=query.shape[1] != key.shape[1], softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -270,8 +383,11 @@ def decode(model, rows: list[Sequence], input_ids: torch.Tensor, *, hogwild: boo
     """One forward of ``input_ids`` (``[B, q]``, row b continues ``rows[b]``) as ONE batch: every layer
     runs one `kvfuse.attention` call over all rows with their segment masks. Returns logits
     ``[B, q, vocab]``; the rows grow by ``q`` tokens (in place)."""
-    rows = list(rows)
+    rows = _check_rows("decode", rows, "rows")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != len(rows):
+        raise ValueError(f"decode: input_ids must be an int tensor [B={len(rows)}, q], got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     cache = KVFuseCache(rows[0].store, rows, hogwild=hogwild, config=model.config)
     out = model(input_ids=input_ids, position_ids=cache.position_ids(input_ids.shape[1]), use_cache=True,
-                **{_CACHE_KW: cache})
+                **{CACHE_KW: cache})
     return out.logits

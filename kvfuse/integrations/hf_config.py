@@ -13,7 +13,7 @@ from typing import Any
 
 from kvfuse.rope import ModelRope, RopeConfig
 
-__all__ = ["UnsupportedModel", "model_rope", "model_rope_of", "cache_shape"]
+__all__ = ["UnsupportedModel", "model_rope", "model_rope_of", "cache_shape", "unsupported_attention"]
 
 
 class UnsupportedModel(ValueError):
@@ -42,3 +42,8 @@ def model_rope_of(model: Any) -> ModelRope:
     """`model_rope` of ``model.config``, with the inverse frequencies the loaded model rotates with."""
     num_layers = cache_shape(model.config)[0]
     return ModelRope.uniform(RopeConfig.from_hf_model(model), num_layers, _model_type(model.config))
+
+
+def unsupported_attention(config: Any) -> list[str]:
+    """The attention features of this model that kvfuse's attention cannot compute (empty: none)."""
+    return []
