@@ -215,13 +215,14 @@ def write_plot(path: str, meta: dict, results: list[Result]) -> None:
 
     rows = [r for r in results if r.scenario == NAME and r.status == "ok" and r.metrics]
     kinds = list(dict.fromkeys(r.group for r in rows)) or ["(no results)"]
+    colour = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(r.label for r in rows))}  # one per row
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         mine = [r for r in rows if r.group == kind]
-        for i, label in enumerate(dict.fromkeys(r.label for r in mine)):
+        for label in dict.fromkeys(r.label for r in mine):
             pts = sorted((r.x, r.metrics["flops_rel"], r.metrics["kl_mean"]) for r in mine if r.label == label)
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", color=f"C{i}", alpha=0.5)
-            ax.scatter([p[1] for p in pts], [p[2] for p in pts], s=[12 * p[0] for p in pts], color=f"C{i}",
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", color=colour[label], alpha=0.5)
+            ax.scatter([p[1] for p in pts], [p[2] for p in pts], s=[12 * p[0] for p in pts], color=colour[label],
                        label=label)
             for t, x, y in pts:
                 ax.annotate(f"T={t:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")

@@ -209,11 +209,12 @@ def prefix_only(model, task: Task) -> RowOutput:
 def _store(model, task: Task, page_size: int, extra_tokens: int = 0):
     import kvfuse
 
-    T, C = task.num_threads, len(task.targets)
-    pages = lambda n: -(-n // page_size) + 1  # noqa: E731
+    def pages(n: int) -> int:  # a segment's pages, one more for a padded or copied last page
+        return -(-n // page_size) + 1
+
     longest = max(t.numel() for t in task.targets)
     n = (pages(task.prefix.numel()) + sum(pages(t.numel()) for t in task.threads) + pages(task.join.numel())
-         + C * pages(longest) + T + pages(extra_tokens) + 4)
+         + len(task.targets) * pages(longest) + task.num_threads + pages(extra_tokens) + 4)
     return kvfuse.PagedKVStore.from_hf(model.config, 2 * n, page_size, dtype=model.dtype, device=model.device)
 
 
