@@ -73,6 +73,7 @@ PROBLEMS = (
     "A garden has {a} rows of {b} tulips and {c} rows of roses with {b} roses each. How many flowers are there?",
     "A school has {a} classes of {b} pupils. {c} pupils are ill today. How many pupils are at school?",
 )
+PROBLEM_NUMBERS = dict(a=(3, 40), b=(2, 12), c=(2, 9))  # the ranges the problems' numbers are drawn from
 
 
 @dataclasses.dataclass
@@ -246,9 +247,6 @@ def _sampled_ids_task(model, kind: str, T: int, seed: int, *, thread_len: int, c
     join = generate(model, ctx, 4, gen=gen)
     target = generate(model, torch.cat([ctx, join]), cont)
     return Task(kind, seed, prefix, threads, join, [target], contexts=contexts)
-
-
-PROBLEM_NUMBERS = dict(a=(3, 40), b=(2, 12), c=(2, 9))
 
 
 def branches_task(model, tok, T: int, seed: int, *, thread_len: int = 48, cont: int = 32, sample: bool = True) -> Task:
