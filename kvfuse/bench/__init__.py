@@ -5,6 +5,7 @@
     kvfuse-bench prefill --sweep 1024,2048,4096 --plot prefill.png
     python -m kvfuse.bench decode --context 8192 --csv decode.csv
     kvfuse-bench threads --threads 2,4,8 --check --json threads.json
+    kvfuse-bench fidelity --model smollm2-135m --threads 2,4,8 --seeds 0,1,2 --plot fidelity.png
 
 Each scenario prints one GitHub-markdown table per case: provider, median / p20 / p80 milliseconds,
 TB/s or effective TFLOP/s, fraction of the ceiling and speed-up over the baseline. Providers that
@@ -33,8 +34,10 @@ SCENARIOS = {
     "e2e": "merge versus text re-prefill on a Llama-3-8B-shaped model (section 5)",
     "threads": "T threads decoded as one batch (hf.decode) versus one by one, Llama-3-8B-shaped model",
     "ceilings": "copy / read / matmul ceilings of this machine",
+    "fidelity": "merged caches against the text merge on a trained model: KL, answer scores, cost (section 7)",
 }
-ALL_ORDER = ("ceilings", "rerotate", "compose", "prefill", "decode", "e2e", "threads")
+ALL_ORDER = ("ceilings", "rerotate", "compose", "prefill", "decode", "e2e", "threads")  # not fidelity: a model run
+LIST_THREADS = ("threads", "e2e", "fidelity")  # the scenarios whose --threads takes a list
 
 
 def _positive(s: str) -> int:
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-dim", type=_positive, help="head dim (default 128)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="bf16 (default on GPU), fp16 or fp32 (default on CPU)")
     g.add_argument("--prefix", type=_non_negative, help="shared prefix tokens (prefill, decode mask, e2e, threads)")
-    g.add_argument("--threads", type=_counts, help="threads (default 4); threads and e2e take a list: 2,4,8")
+    g.add_argument("--threads", type=_counts, help="threads (default 4); threads, e2e and fidelity take a list: 2,4,8")
     g.add_argument("--thread-len", type=_positive, help="tokens per thread (prefill, e2e)")
     g.add_argument("--batch", type=_positive, help="decode batch (default 32)")
     g.add_argument("--context", type=_positive, help="tokens per sequence (decode default 32768; e2e 8192 and 32768)")
@@ -124,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(the scenarios of BENCH_TARGETS.md).")
     sub = ap.add_subparsers(dest="command", metavar="SCENARIO", required=True)
     for name, text in SCENARIOS.items():
-        sub.add_parser(name, parents=[common], help=text, description=text)
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        if name == "fidelity":
+            from kvfuse.bench import fidelity
+
+            fidelity.add_arguments(p)
     a = sub.add_parser("all", parents=[common], help="ceilings, then every scenario, one after the other",
                        description="ceilings, then every scenario (GPU memory is freed between them)")
     a.add_argument("--time-limit", type=_positive, metavar="SECONDS",
@@ -138,9 +145,13 @@ def _validate(ap: argparse.ArgumentParser, args) -> None:
     if args.sweep and args.command in ("all", "ceilings"):
         sub.error("--sweep applies to one scenario (rerotate, compose, prefill, decode, e2e or threads), not to "
                   f"{args.command!r}")
-    if args.threads and len(args.threads) > 1 and args.command not in ("threads", "e2e"):
+    if args.threads and len(args.threads) > 1 and args.command not in LIST_THREADS:
         sub.error(f"--threads takes one value for {args.command!r}; a list ({','.join(map(str, args.threads))}) "
-                  "applies to the threads and e2e scenarios")
+                  "applies to the threads, e2e and fidelity scenarios")
+    if args.command == "fidelity":
+        from kvfuse.bench import fidelity
+
+        fidelity.validate(sub, args)
     # the list for the scenarios that take one (threads, e2e); the single value for the others
     args.thread_counts, args.threads = args.threads, (args.threads[0] if args.threads else None)
     if args.plot:
@@ -259,7 +270,11 @@ def _write_outputs(args, meta: dict, ctx: Ctx) -> None:
         common.write_json(args.json, meta, ctx.results)
     if args.csv:
         common.write_csv(args.csv, meta, ctx.results)
-    if args.plot:
+    if args.plot and args.command == "fidelity":
+        from kvfuse.bench import fidelity
+
+        fidelity.write_plot(args.plot, dict(meta, model=args.model), ctx.results)
+    elif args.plot:
         x_names = {n: getattr(importlib.import_module(f"kvfuse.bench.{n}"), "X_NAME", "size") for n in SCENARIOS}
         common.write_plot(args.plot, meta, ctx.results, x_names)
     for what, path in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)):

@@ -99,6 +99,7 @@ class Result:
     group: str = ""
     x: float | None = None  # the swept size (for --plot)
     wall_s: float | None = None  # wall time of the row: setup, compilation, check and timing
+    metrics: dict | None = None  # scenario-specific numbers (fidelity: scores, KL, cost); JSON in the CSV
 
 
 FIELDS = [f.name for f in dataclasses.fields(Result)]
@@ -580,12 +581,15 @@ CSV_META = ("gpu", "device", "torch", "triton", "git_commit", "date")
 
 def write_csv(path: str, meta: dict, results: list[Result]) -> None:
     import csv
+    import json
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(list(CSV_META) + FIELDS)
         for r in results:
             row = dataclasses.asdict(r)
+            if row["metrics"] is not None:
+                row["metrics"] = json.dumps(row["metrics"], default=str)
             w.writerow([meta.get(k) for k in CSV_META] + [row[k] for k in FIELDS])
 
 
