@@ -48,7 +48,8 @@ import torch
 from kvfuse.fidelity.tasks import KINDS, Task, cache_kwargs
 
 __all__ = ["Row", "RowOutput", "ROWS", "register", "kvfuse_row", "text_merge", "prefix_only", "memory_insert",
-           "prefill_threads", "score_targets", "forward_flops", "attention", "default_rows"]
+           "prefill_threads", "score_targets", "forward_flops", "attention", "default_rows", "repair_before_join",
+           "repair_flops", "probe_flops"]
 
 
 @dataclasses.dataclass
@@ -320,4 +321,60 @@ register(kvfuse_row("shared", "shared", description="kvfuse.merge, shared layout
 register(kvfuse_row("sequential", "sequential",
                     description="kvfuse.merge, sequential layout (threads moved after one another by re-rotation)"))
 register(Row("memory", memory_insert, ("memory",), "memory blocks saved in other contexts, inserted after the prefix"))
+
+
+# ---------------------------------------------------------------------------------------- repair
+def repair_flops(model, positions: torch.Tensor) -> float:
+    """FLOPs of recomputing the tokens at ``positions`` (indices in the merged order, each seeing
+    every token up to itself): the decoder's linear maps per token, attention per visible pair."""
+    cfg = model.config
+    layers = model.model.layers
+    linear = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    pairs = float((positions.double() + 1).sum())
+    return 2.0 * linear * positions.numel() + 4.0 * cfg.num_attention_heads * head_dim * len(layers) * pairs
+
+
+def probe_flops(model, n: int, layer: int = 1) -> float:
+    """FLOPs of `hf.kv_deviation`: ``n`` tokens through the first ``layer`` layers (causal attention)
+    and the K/V projections of layer ``layer`` (counted as a whole layer)."""
+    per_layer = repair_flops(model, torch.arange(n)) / len(model.model.layers)
+    return per_layer * (layer + 1)
+
+
+def repair_before_join(policy: str, budget: float):
+    """A `kvfuse_row` hook that repairs the merged sequence. ``policy``: "first" (the first ``budget``
+    tokens of every thread that did not see the threads before it: EPIC), "deviation" (the
+    ``budget`` fraction of all tokens with the largest K/V deviation at layer 1: CacheBlend), "union"
+    (first 16 tokens plus the deviation fraction) or "all" (every token)."""
+    from kvfuse import repair
+    from kvfuse.integrations import hf
+
+    def fn(model, task: Task, merged) -> float:
+        ids = torch.cat([task.prefix, *task.threads])
+        flops = 0.0
+        if policy == "first":
+            chosen = repair.first_tokens(merged, int(budget))
+        elif policy == "all":
+            chosen = torch.arange(merged.num_tokens)
+        else:
+            dev = hf.kv_deviation(model, merged, ids, layer=1)
+            flops += probe_flops(model, merged.num_tokens)
+            chosen = repair.top_fraction(merged, dev, float(budget))
+            if policy == "union":
+                chosen = repair.union(chosen, repair.first_tokens(merged, 16))
+        hf.repair(model, merged, ids, chosen)
+        return flops + repair_flops(model, chosen)
+
+    return fn
+
+
+for _layout in ("sequential", "shared"):
+    for _policy, _budgets in (("first", (8, 16, 32)), ("deviation", (0.05, 0.10, 0.15)), ("union", (0.10,))):
+        for _b in _budgets:
+            _label = f"{_b}" if _policy == "first" else f"{int(round(_b * 100))}%"
+            register(kvfuse_row(f"{_layout}+{_policy}{_label}", _layout, before_join=repair_before_join(_policy, _b),
+                                description=f"{_layout} layout, then repair ({_policy} {_label})"))
+register(kvfuse_row("sequential+all", "sequential", before_join=repair_before_join("all", 1.0),
+                    description="sequential layout, every token repaired (must equal the text merge)"))
 register(Row("prefix-only", prefix_only, KINDS, "threads dropped: the join right after the prefix (the floor)"))
