@@ -49,7 +49,7 @@ from kvfuse.fidelity.tasks import KINDS, Task, cache_kwargs
 
 __all__ = ["Row", "RowOutput", "ROWS", "register", "kvfuse_row", "text_merge", "prefix_only", "memory_insert",
            "prefill_threads", "score_targets", "forward_flops", "attention", "default_rows", "repair_before_join",
-           "repair_flops", "probe_flops"]
+           "repair_flops", "probe_flops", "temperature_before_join"]
 
 
 @dataclasses.dataclass
@@ -73,6 +73,7 @@ class Row:
     run: Callable[..., RowOutput]
     kinds: tuple[str, ...] = KINDS
     description: str = ""
+    default: bool = True  # in `default_rows` (the repair and temperature rows are asked for by name)
 
 
 ROWS: dict[str, Row] = {}
@@ -85,8 +86,8 @@ def register(row: Row) -> Row:
 
 
 def default_rows(kind: str) -> list[Row]:
-    """The registered rows that apply to tasks of ``kind``, in table order (``text`` first)."""
-    return [r for r in ROWS.values() if kind in r.kinds]
+    """The registered default rows that apply to tasks of ``kind``, in table order (``text`` first)."""
+    return [r for r in ROWS.values() if kind in r.kinds and r.default]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -255,7 +256,7 @@ BeforeJoin = Callable[..., float]
 
 
 def kvfuse_row(name: str, layout: str, *, before_join: BeforeJoin | None = None, page_size: int = 16,
-               description: str = "") -> Row:
+               description: str = "", default: bool = True) -> Row:
     """A row through kvfuse's real path with ``kvfuse.merge(threads, layout=layout)``.
 
     ``before_join(model, task, merged) -> flops``, when given, runs after the merge and before the
@@ -277,7 +278,7 @@ def kvfuse_row(name: str, layout: str, *, before_join: BeforeJoin | None = None,
             finally:
                 merged.release()
 
-    return Row(name, run, ("reading", "branches"), description or f"kvfuse.merge(layout={layout!r})")
+    return Row(name, run, ("reading", "branches"), description or f"kvfuse.merge(layout={layout!r})", default)
 
 
 def memory_insert(model, task: Task, *, page_size: int = 16) -> RowOutput:
@@ -374,7 +375,34 @@ for _layout in ("sequential", "shared"):
         for _b in _budgets:
             _label = f"{_b}" if _policy == "first" else f"{int(round(_b * 100))}%"
             register(kvfuse_row(f"{_layout}+{_policy}{_label}", _layout, before_join=repair_before_join(_policy, _b),
-                                description=f"{_layout} layout, then repair ({_policy} {_label})"))
+                                description=f"{_layout} layout, then repair ({_policy} {_label})", default=False))
 register(kvfuse_row("sequential+all", "sequential", before_join=repair_before_join("all", 1.0),
-                    description="sequential layout, every token repaired (must equal the text merge)"))
+                    description="sequential layout, every token repaired (must equal the text merge)", default=False))
+
+
+def temperature_before_join(temperature: float):
+    """A `kvfuse_row` hook: APE-style attention temperature on the threads at the join. Every thread
+    token's keys (all layers) are divided by ``temperature`` in place, so every later query's scores
+    for them are ``q.k / temperature`` (the prefix and the join are untouched). APE also scales the
+    threads' attention weights by a factor; that needs a per-segment weight in the attention kernels,
+    which kvfuse does not have, so only the temperature is measured."""
+
+    def fn(model, task: Task, merged) -> float:
+        store = merged.store
+        n_pre = task.prefix.numel()
+        storage = merged.token_index()[n_pre:]
+        ps = store.page_size
+        pages = torch.tensor(merged.pages, dtype=torch.int64)
+        slots = (pages[storage // ps] * ps + storage % ps).to(store.device)
+        view = store.k_cache.view(store.num_layers, -1, store.num_kv_heads, store.head_dim)
+        view[:, slots] = (view[:, slots].float() / temperature).to(view.dtype)
+        return 0.0
+
+    return fn
+
+
+for _t in (0.9, 0.8):
+    register(kvfuse_row(f"shared+temp{_t}", "shared", before_join=temperature_before_join(_t),
+                        description=f"shared layout, APE-style temperature {_t} on the threads' keys (no scale)",
+                        default=False))
 register(Row("prefix-only", prefix_only, KINDS, "threads dropped: the join right after the prefix (the floor)"))
