@@ -205,8 +205,10 @@ class ModelRope:
     (Gemma 3: theta 1e4 on sliding layers, 1e6 with linear scaling on full-attention layers).
 
     ``unmovable``, when set, says why tokens of this model cannot be moved at all (no rotary
-    embedding: GPT-2's learned absolute positions, ALiBi): every op that would move a token raises it
-    as a ``ValueError``; layouts that keep positions ("shared") still work.
+    embedding: GPT-2's learned absolute positions, ALiBi; or scaling whose frequencies depend on the
+    current sequence length: dynamic NTK, longrope): every op that would move a token raises it as a
+    ``ValueError``; layouts that keep positions ("shared") still work. `ModelRope.from_hf` then gives
+    every layer None (there is no one rotation to describe).
 
     Ops that take a ``rope`` on a layer-stacked pool (``[num_layers, ...]``) accept a `ModelRope`
     with one entry per pool layer, or a single `RopeConfig` that then applies to every layer.
@@ -248,7 +250,8 @@ class ModelRope:
     @classmethod
     def from_hf(cls, config: Any) -> ModelRope:
         """The rotation of every layer of a Hugging Face model, from its config (see
-        `kvfuse.integrations.hf_config.model_rope`)."""
+        `kvfuse.integrations.hf_config.model_rope`: per-layer-type theta and scaling, NoPE layers,
+        unmovable models; ``UnsupportedModel`` for models kvfuse cannot describe, e.g. MLA)."""
         from kvfuse.integrations.hf_config import model_rope
 
         return model_rope(config)

@@ -52,6 +52,20 @@ def _cfg(cls_name, **k):
     return cls(**k)
 
 
+def _auto(model_type, **k):
+    """A llama-shaped config of ``model_type`` (models whose configs take the usual field names)."""
+    if model_type not in T.CONFIG_MAPPING:
+        pytest.skip(f"transformers {T.__version__} has no model type {model_type!r}")
+    return T.AutoConfig.for_model(model_type, **_kw(**{"head_dim": 16, **k}))
+
+
+# Model types whose tiny llama-shaped config needs nothing else; each is a variant of its own.
+LLAMA_SHAPED = ["olmo3", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "jetmoe", "ministral", "seed_oss",
+                "hunyuan_v1_dense", "hunyuan_v1_moe", "arcee", "apertus", "bitnet", "minimax_m2", "phimoe",
+                "solar_open", "doge", "vaultgemma", "cwm", "hyperclovax", "diffllama", "nanochat", "glm4_moe",
+                "ernie4_5_moe"]
+
+
 def _gpt_style(**k):
     return dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2, **k)
 
@@ -170,6 +184,9 @@ VARIANTS = {
                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=INTER,
                           decoder_ffn_dim=INTER), ("refused", ["bart", "encoder-decoder"])),
 }
+VARIANTS.update({mt: (lambda mt=mt: _auto(mt), EXACT) for mt in LLAMA_SHAPED})
+VARIANTS["exaone_moe"] = (lambda: _auto("exaone_moe", num_hidden_layers=4, sliding_window=8,
+                                        layer_types=SLIDING_FULL), EXACT)
 NAMES = list(VARIANTS)
 MOVABLE = [n for n in NAMES if VARIANTS[n][1] == EXACT]
 HELD = [n for n in NAMES if VARIANTS[n][1] == EXACT or VARIANTS[n][1][0] == "unmovable"]
@@ -300,7 +317,8 @@ def test_gemma3_layer_types_rotate_differently():
 
 
 @pytest.mark.parametrize("name, nope", [("smollm3", [1, 3]), ("cohere2", [2]), ("llama4", [1, 3]),
-                                        ("exaone4", [3]), ("afmoe", [1]), ("cohere2_moe", [3])])
+                                        ("exaone4", [3]), ("exaone_moe", [1, 3]), ("afmoe", [1]),
+                                        ("cohere2_moe", [3])])
 def test_nope_layers(name, nope):
     rope = model_rope(_config(name))
     assert [i for i, c in enumerate(rope.layers) if c is None] == nope
@@ -310,6 +328,7 @@ def test_nope_layers(name, nope):
     ("llama", False, 16, 16), ("cohere", True, 16, 16), ("glm", True, 8, 16), ("gptj", True, 8, 16),
     ("codegen", True, 8, 16), ("gpt_neox", False, 4, 16), ("phi", False, 8, 16), ("stablelm", False, 4, 16),
     ("persimmon", False, 8, 16), ("nemotron", False, 8, 16), ("llama4", True, 16, 16), ("qwen3", False, 24, 24),
+    ("glm4_moe", False, 8, 16), ("ernie4_5_moe", True, 16, 16),
 ])
 def test_pairing_and_partial_rotary(name, interleaved, rotary_dim, head_dim):
     c = next(c for c in model_rope(_config(name)).layers if c is not None)
@@ -417,8 +436,8 @@ def test_legacy_rope_scaling_attributes():
     cfg = _plain(model_type="llama", rope_theta=5e5, rope_scaling=dict(type="llama3", factor=8.0,
                                                                         low_freq_factor=1.0, high_freq_factor=4.0,
                                                                         original_max_position_embeddings=64))
-    assert model_rope(cfg).single == model_rope(_config("llama-llama3")).single.__class__(
-        16, theta=5e5, rope_type="llama3", factor=8.0, original_max_position_embeddings=64)
+    assert model_rope(cfg).single == kvfuse.RopeConfig(16, theta=5e5, rope_type="llama3", factor=8.0,
+                                                       original_max_position_embeddings=64)
     neox = SimpleNamespace(model_type="gpt_neox", num_hidden_layers=1, num_attention_heads=4, hidden_size=64,
                            rotary_pct=0.5, rotary_emb_base=1e4)
     assert model_rope(neox).single.rotary_dim == 8

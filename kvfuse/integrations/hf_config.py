@@ -160,6 +160,8 @@ class _Family:
     kv_heads: ``config -> int``, the KV heads the model caches (default ``num_key_value_heads``).
     no_rotary: ``config -> str | None``: what the model encodes positions with, when not RoPE.
     own_attention: the model computes attention in its own code, not through transformers' interface.
+    negative_angles: the model rotates by ``-position * inv_freq`` (NanoChat's ``rotate_half`` returns
+        ``(x2, -x1)``); kvfuse then rotates with negated frequencies (``inv_freq_values``).
     """
 
     interleaved: bool = False
@@ -171,6 +173,7 @@ class _Family:
     kv_heads: Callable[[Any], int] | None = None
     no_rotary: Callable[[Any], str | None] | None = None
     own_attention: bool = False
+    negative_angles: bool = False
 
 
 _NEOX = _Family()
@@ -178,10 +181,15 @@ _LEARNED = _Family(no_rotary=lambda c: "learned absolute positions")
 _FAMILIES: dict[str, _Family] = {
     # NeoX halves over the whole head (partial_rotary_factor ignored)
     **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-                     "gemma3_text", "starcoder2", "olmo", "olmo2", "granite", "gpt_oss"), _NEOX),
+                     "gemma3_text", "starcoder2", "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "granite",
+                     "granitemoe", "granitemoeshared", "gpt_oss", "jetmoe", "ministral", "seed_oss",
+                     "hunyuan_v1_dense", "hunyuan_v1_moe", "arcee", "apertus", "bitnet", "minimax_m2", "phimoe",
+                     "solar_open", "doge", "vaultgemma", "cwm", "hyperclovax", "diffllama"), _NEOX),
+    "nanochat": _Family(negative_angles=True),
     "falcon": _Family(head_dim="hidden", kv_heads=_falcon_kv_heads, no_rotary=_falcon_no_rotary, own_attention=True),
     "smollm3": _Family(rotates=_no_rope_layers),
     "exaone4": _Family(rotates=_exaone4_rotates),
+    "exaone_moe": _Family(rotates=_exaone4_rotates),
     "afmoe": _Family(rotates=_local_rotates),
     # NeoX halves over the leading int(head_dim * partial_rotary_factor) dims
     "phi": _Family(partial="factor", default_partial=0.5),
@@ -190,12 +198,14 @@ _FAMILIES: dict[str, _Family] = {
     "stablelm": _Family(partial="factor", default_partial=0.25, head_dim="hidden"),
     "persimmon": _Family(partial="factor", default_partial=0.5, head_dim="hidden", kv_heads=_all_heads),
     "nemotron": _Family(partial="factor", default_partial=0.5),
+    "glm4_moe": _Family(partial="factor", default_partial=0.5),
     # GPT-J interleaved pairs
     "cohere": _Family(interleaved=True),
     "cohere2": _Family(interleaved=True, rotates=_sliding_rotates),
     "cohere2_moe": _Family(interleaved=True, rotates=_cohere2_moe_rotates),
     "helium": _Family(interleaved=True),
     "ernie4_5": _Family(interleaved=True),
+    "ernie4_5_moe": _Family(interleaved=True),
     "llama4_text": _Family(interleaved=True, rotates=_no_rope_layers),
     "glm": _Family(interleaved=True, partial="factor", default_partial=0.5),
     "glm4": _Family(interleaved=True, partial="factor", default_partial=0.5),
@@ -435,9 +445,12 @@ def _layer_rope(config: Any, fam: _Family, known: bool, params: dict, head_dim: 
             if nested:  # transformers reads `truncate` off the top level of rope_parameters, never per layer type
                 kw["truncate"] = True
     try:
-        return RopeConfig(**kw)
+        rope = RopeConfig(**kw)
     except (TypeError, ValueError) as e:
         raise UnsupportedModel(f"{mt}: its RoPE parameters do not make a valid rotation: {e}") from e
+    if fam.negative_angles:
+        rope = dataclasses.replace(rope, inv_freq_values=tuple((-rope.inv_freq()).tolist()))
+    return rope
 
 
 def _unknown_rope_fields(config: Any) -> list[str]:
@@ -567,10 +580,11 @@ def _rotary_buffers(model: Any, types: list[str | None]) -> dict:
     return found
 
 
-def _checked_values(mt: str, name: str, buf: torch.Tensor, rope: RopeConfig) -> tuple[float, ...]:
-    """The frequencies in ``buf`` after checking that they are ``rope``'s, up to the buffer's rounding."""
+def _checked_values(mt: str, name: str, buf: torch.Tensor, rope: RopeConfig, sign: float) -> tuple[float, ...]:
+    """The frequencies in ``buf`` (times ``sign``: -1 where the model rotates by negative angles) after
+    checking that they are ``rope``'s, up to the buffer's rounding."""
     want = rope.inv_freq()
-    got = buf.detach().double().cpu().reshape(-1)
+    got = buf.detach().double().cpu().reshape(-1) * sign
     if got.shape != want.shape:
         raise UnsupportedModel(f"{mt}: its rotary buffer {name} holds {got.numel()} frequencies, its config "
                                f"implies {want.numel()} (rotary_dim {rope.rotary_dim})")
@@ -617,12 +631,14 @@ def model_rope_of(model: Any) -> ModelRope:
     types = _layer_types(config, rope.num_layers)
     bufs = _rotary_buffers(model, types)
     tables = [(n, b) for n, b in model.named_buffers() if n.endswith("embed_positions") and b.dim() == 2]
+    fam, _ = _family(config)
     layers = []
     for i, c in enumerate(rope.layers):
         hit = (bufs.get(i) or bufs.get(types[i]) or bufs.get(None)) if c is not None else None
         if hit is not None:
-            c = dataclasses.replace(c, inv_freq_values=_checked_values(mt, hit[0], hit[1], c))
-        elif c is not None and tables and _FAMILIES.get(mt) is not None and _FAMILIES[mt].partial == "rotary_dim":
+            sign = -1.0 if fam.negative_angles else 1.0
+            c = dataclasses.replace(c, inv_freq_values=_checked_values(mt, hit[0], hit[1], c, sign))
+        elif c is not None and tables and fam.partial == "rotary_dim":
             _check_sincos_table(mt, tables[0][0], tables[0][1], c)
         layers.append(c)
     return ModelRope(tuple(layers), mt)
