@@ -426,6 +426,14 @@ def test_unknown_rotary_fields_are_refused_by_name(extra, match):
         model_rope(_plain(**extra))
 
 
+def test_known_model_with_rotary_fields_it_does_not_read_is_refused():
+    """A Gemma 3 config from before transformers 5 (rope_local_base_freq) is not silently read as one theta."""
+    cfg = _plain(model_type="gemma3_text", rope_theta=1e6, rope_local_base_freq=1e4,
+                 layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(UnsupportedModel, match=r"gemma3_text: its config has rotary fields \['rope_local_base_freq'\]"):
+        model_rope(cfg)
+
+
 def test_unknown_model_without_rotary_fields_is_unmovable():
     rope = model_rope(_plain())
     assert "my_llama has no rotary embedding" in rope.unmovable

@@ -162,6 +162,7 @@ class _Family:
     own_attention: the model computes attention in its own code, not through transformers' interface.
     negative_angles: the model rotates by ``-position * inv_freq`` (NanoChat's ``rotate_half`` returns
         ``(x2, -x1)``); kvfuse then rotates with negated frequencies (``inv_freq_values``).
+    fields: rotary-looking config fields this family's rules read (beyond those read for every model).
     """
 
     interleaved: bool = False
@@ -174,9 +175,11 @@ class _Family:
     no_rotary: Callable[[Any], str | None] | None = None
     own_attention: bool = False
     negative_angles: bool = False
+    fields: tuple[str, ...] = ()
 
 
 _NEOX = _Family()
+_NO_ROPE_FIELDS = ("no_rope_layers", "no_rope_layer_interval")
 _LEARNED = _Family(no_rotary=lambda c: "learned absolute positions")
 _FAMILIES: dict[str, _Family] = {
     # NeoX halves over the whole head (partial_rotary_factor ignored)
@@ -187,7 +190,7 @@ _FAMILIES: dict[str, _Family] = {
                      "solar_open", "doge", "vaultgemma", "cwm", "hyperclovax", "diffllama"), _NEOX),
     "nanochat": _Family(negative_angles=True),
     "falcon": _Family(head_dim="hidden", kv_heads=_falcon_kv_heads, no_rotary=_falcon_no_rotary, own_attention=True),
-    "smollm3": _Family(rotates=_no_rope_layers),
+    "smollm3": _Family(rotates=_no_rope_layers, fields=_NO_ROPE_FIELDS),
     "exaone4": _Family(rotates=_exaone4_rotates),
     "exaone_moe": _Family(rotates=_exaone4_rotates),
     "afmoe": _Family(rotates=_local_rotates),
@@ -206,12 +209,13 @@ _FAMILIES: dict[str, _Family] = {
     "helium": _Family(interleaved=True),
     "ernie4_5": _Family(interleaved=True),
     "ernie4_5_moe": _Family(interleaved=True),
-    "llama4_text": _Family(interleaved=True, rotates=_no_rope_layers),
+    "llama4_text": _Family(interleaved=True, rotates=_no_rope_layers, fields=_NO_ROPE_FIELDS),
     "glm": _Family(interleaved=True, partial="factor", default_partial=0.5),
     "glm4": _Family(interleaved=True, partial="factor", default_partial=0.5),
-    "gptj": _Family(interleaved=True, partial="rotary_dim", head_dim="hidden", theta=10000.0, kv_heads=_all_heads),
+    "gptj": _Family(interleaved=True, partial="rotary_dim", head_dim="hidden", theta=10000.0, kv_heads=_all_heads,
+                    fields=("rotary_dim",)),
     "codegen": _Family(interleaved=True, partial="rotary_dim", head_dim="hidden", theta=10000.0,
-                       kv_heads=_all_heads),
+                       kv_heads=_all_heads, fields=("rotary_dim",)),
     # no rotary embedding
     "gpt2": _Family(no_rotary=lambda c: "learned absolute positions", kv_heads=_all_heads),
     "gpt_bigcode": _Family(no_rotary=lambda c: "learned absolute positions", kv_heads=_multi_query_kv_heads),
@@ -249,10 +253,10 @@ _SINK_TYPES = ("gpt_oss", "openai_privacy_filter", "mimo_v2_flash")
 _SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
                    "beta_fast", "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim")
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", *_SCALING_FIELDS}
-# Config attributes about rotation that kvfuse reads for any model (others with "rope"/"rotary" in their
-# name make an unknown model type refuse).
-_ROPE_ATTRS = {"rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "default_theta",
-               "ignore_keys_at_rope_validation"}
+# Config attributes about rotation that kvfuse reads for any model; others with "rope" or "rotary" in their
+# name make a model refuse, unless its family reads them (_Family.fields).
+_ROPE_ATTRS = {"rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rotary_pct",
+               "rotary_emb_base", "default_theta", "ignore_keys_at_rope_validation"}
 
 # Scaling whose frequencies depend on the length of the current forward pass: a key rotated at position p
 # in one pass is not the key the model would have at p + d in another.
@@ -453,10 +457,10 @@ def _layer_rope(config: Any, fam: _Family, known: bool, params: dict, head_dim: 
     return rope
 
 
-def _unknown_rope_fields(config: Any) -> list[str]:
+def _unknown_rope_fields(config: Any, fam: _Family) -> list[str]:
     names = getattr(config, "__dict__", {})
     return sorted(n for n in names if re.search("rope|rotary", n, re.I) and n not in _ROPE_ATTRS
-                  and not n.startswith("_"))
+                  and n not in fam.fields and not n.startswith("_") and getattr(config, n) is not None)
 
 
 def model_rope(config: Any) -> ModelRope:
@@ -487,10 +491,10 @@ def model_rope(config: Any) -> ModelRope:
         raise UnsupportedModel(f"{mla}: its rotary dims are the trailing dims of a separate key part, which a "
                                f"RopeConfig cannot describe")
     fam, known = _family(config)
-    unknown_fields = [] if known else _unknown_rope_fields(config)
+    unknown_fields = _unknown_rope_fields(config, fam)
     if unknown_fields:
-        raise UnsupportedModel(f"{mt}: its config has rotary fields {unknown_fields} that kvfuse does not understand "
-                               f"(an unverified model type)")
+        raise UnsupportedModel(f"{mt}: its config has rotary fields {unknown_fields} that kvfuse does not understand"
+                               + ("" if known else " (an unverified model type)"))
     what = fam.no_rotary(config) if fam.no_rotary else None
     if what is None and not known and not any(_attr(config, a) for a in ("rope_parameters", "rope_scaling",
                                                                            "rope_theta", "partial_rotary_factor")):
