@@ -344,6 +344,7 @@ def test_cache_shape_of_config(name, shape):
 
 @pytest.mark.parametrize("name, words", [
     ("gpt_oss", ["gpt_oss uses attention sinks (s_aux)"]),
+    ("doge", ["doge uses a dynamic, value-dependent attention mask"]),
     ("llama4", ["llama4_text uses chunked attention (attention_chunk_size=1024)"]),
     ("bloom", ["bloom uses ALiBi position biases", "bloom computes attention in its own modeling code"]),
     ("mpt", ["mpt uses ALiBi position biases"]),
@@ -419,7 +420,8 @@ def test_unknown_model_type_is_read_with_a_warning():
     (dict(rope_theta=1e4, partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
     (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3])), "mrope_section"),
     (dict(rope_parameters=dict(rope_type="ntk-by-parts", rope_theta=1e4)), "ntk-by-parts"),
-    (dict(kv_lora_rank=16, rope_theta=1e4), "multi-head latent attention"),
+    (dict(kv_lora_rank=16, rope_theta=1e4), "my_llama uses multi-head latent attention"),
+    (dict(v_head_dim=8, head_dim=16, rope_theta=1e4), r"different head dims \(head_dim=16, v_head_dim=8\)"),
 ])
 def test_unknown_rotary_fields_are_refused_by_name(extra, match):
     with pytest.raises(UnsupportedModel, match=match):

@@ -236,7 +236,7 @@ _RECURRENT = {
     **dict.fromkeys(("jamba", "bamba", "zamba", "zamba2", "falcon_h1", "nemotron_h", "granitemoehybrid", "plamo2"),
                     "state-space (Mamba) layers next to attention"),
     **dict.fromkeys(("qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "kimi_linear"),
-                    "linear-attention (gated DeltaNet) layers next to attention"),
+                    "linear-attention (delta-rule) layers next to attention"),
     "minimax": "lightning (linear) attention layers next to softmax attention",
     **dict.fromkeys(("lfm2", "lfm2_moe"), "short-convolution layers next to attention"),
     "recurrent_gemma": "recurrent (RG-LRU) layers next to local attention",
@@ -247,7 +247,11 @@ _RECURRENT_FIELDS = ("mamba_d_state", "ssm_state_size", "linear_num_value_heads"
                      "layers_block_type", "attn_layer_period", "conv_L_cache", "linear_attn_config")
 
 _MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "longcat_flash", "glm4_moe_lite", "youtu")
-_SINK_TYPES = ("gpt_oss", "openai_privacy_filter", "mimo_v2_flash")
+# Attention computations of one model type that kvfuse's kernels do not do (read off the modeling code).
+_ATTENTION_FEATURES = {
+    **dict.fromkeys(("gpt_oss", "openai_privacy_filter", "mimo_v2_flash"), "attention sinks (s_aux)"),
+    "doge": "a dynamic, value-dependent attention mask (dynamic mask attention)",
+}
 
 # rope_parameters keys kvfuse understands (RopeConfig fields by their Hugging Face names, plus bookkeeping).
 _SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
@@ -284,10 +288,12 @@ def _mla(config: Any) -> str | None:
     mt = _model_type(config)
     fields = {k: getattr(config, k, None) for k in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")}
     v, qk = fields["v_head_dim"], _attr(config, "qk_head_dim", "head_dim")
-    if mt in _MLA_TYPES or fields["kv_lora_rank"] is not None or fields["qk_rope_head_dim"] is not None or (
-            v is not None and qk is not None and v != qk):
-        shown = ", ".join(f"{k}={x}" for k, x in fields.items() if x is not None)
+    shown = ", ".join(f"{k}={x}" for k, x in fields.items() if x is not None)
+    if mt in _MLA_TYPES or fields["kv_lora_rank"] is not None or fields["qk_rope_head_dim"] is not None:
         return f"{mt} uses multi-head latent attention (MLA)" + (f" ({shown})" if shown else "")
+    if v is not None and qk is not None and v != qk:
+        return f"{mt} caches K and V of different head dims (head_dim={qk}, {shown}), as multi-head latent " \
+               f"attention (MLA) does"
     return None
 
 
@@ -353,8 +359,8 @@ def unsupported_attention(config: Any) -> list[str]:
     mt = _model_type(config)
     fam, _ = _family(config)
     out = _cache_refusals(config)
-    if mt in _SINK_TYPES:
-        out.append(f"{mt} uses attention sinks (s_aux)")
+    if mt in _ATTENTION_FEATURES:
+        out.append(f"{mt} uses {_ATTENTION_FEATURES[mt]}")
     chunk = getattr(config, "attention_chunk_size", None)
     if chunk is not None and "chunked_attention" in (getattr(config, "layer_types", None) or ("chunked_attention",)):
         out.append(f"{mt} uses chunked attention (attention_chunk_size={chunk})")
