@@ -15,6 +15,7 @@ config, and:
 (c) `unsupported_attention` names the features kvfuse's attention cannot compute.
 """
 
+import functools
 import warnings
 from types import SimpleNamespace
 
@@ -184,9 +185,18 @@ VARIANTS = {
                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=INTER,
                           decoder_ffn_dim=INTER), ("refused", ["bart", "encoder-decoder"])),
 }
-VARIANTS.update({mt: (lambda mt=mt: _auto(mt), EXACT) for mt in LLAMA_SHAPED})
-VARIANTS["exaone_moe"] = (lambda: _auto("exaone_moe", num_hidden_layers=4, sliding_window=8,
-                                        layer_types=SLIDING_FULL), EXACT)
+# mixture-of-experts sizes small enough to build in milliseconds
+SMALL_MOE = {
+    "solar_open": dict(n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32),
+    "glm4_moe": dict(n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32),
+    "minimax_m2": dict(num_local_experts=2, num_experts_per_tok=1),
+    "ernie4_5_moe": dict(moe_num_experts=2, moe_k=1, moe_intermediate_size=32),
+    "olmoe": dict(num_experts=2, num_experts_per_tok=1),
+    "phimoe": dict(num_local_experts=2, num_experts_per_tok=1),
+}
+VARIANTS.update({mt: (lambda mt=mt: _auto(mt, **SMALL_MOE.get(mt, {})), EXACT) for mt in LLAMA_SHAPED})
+VARIANTS["exaone_moe"] = (lambda: _auto("exaone_moe", num_hidden_layers=4, sliding_window=8, layer_types=SLIDING_FULL,
+                                        num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32), EXACT)
 NAMES = list(VARIANTS)
 MOVABLE = [n for n in NAMES if VARIANTS[n][1] == EXACT]
 HELD = [n for n in NAMES if VARIANTS[n][1] == EXACT or VARIANTS[n][1][0] == "unmovable"]
@@ -203,6 +213,12 @@ def _model(name):
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(_config(name), attn_implementation="eager")
     return model.float().eval()
+
+
+@functools.cache
+def _shared_model(name):
+    """One model per variant for the tests that do not modify it (building them is most of the time)."""
+    return _model(name)
 
 
 def _cached(model, ids, positions=None):
@@ -223,7 +239,7 @@ def _assert_names(message, words):
 
 @pytest.mark.parametrize("name", MOVABLE)
 def test_rerotation_equals_the_models_own_rotation(name):
-    model = _model(name)
+    model = _shared_model(name)
     ids = torch.randint(3, V, (TOKENS,), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(TOKENS) + P0
     k_p, _ = _cached(model, ids, pos)
@@ -261,7 +277,7 @@ def test_rerotation_equals_the_models_own_rotation(name):
 
 @pytest.mark.parametrize("name", HELD)
 def test_cache_shape_matches_the_models_cache(name):
-    model = _model(name)
+    model = _shared_model(name)
     ids = torch.randint(3, V, (TOKENS,), generator=torch.Generator().manual_seed(2))
     k, v = _cached(model, ids)
     assert cache_shape(model.config) == (k.shape[0], k.shape[2], k.shape[3])
