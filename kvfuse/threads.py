@@ -137,7 +137,12 @@ class PagedKVStore:
     @classmethod
     def from_hf(cls, config, num_pages: int, page_size: int = 16, *, dtype: torch.dtype | None = None,
                 device="cpu") -> PagedKVStore:
-        """A store shaped for a Hugging Face ``PretrainedConfig`` (layers, KV heads, head_dim, RoPE)."""
+        """A store shaped for a Hugging Face ``PretrainedConfig``: layers, KV heads and head_dim of what the
+        model caches (`kvfuse.integrations.hf_config.cache_shape`) and its per-layer rotation
+        (`kvfuse.ModelRope.from_hf`; a model whose tokens cannot be moved gets a store that refuses moves).
+
+        Raises ``UnsupportedModel`` naming the model and the feature for caches kvfuse cannot hold (MLA,
+        linear-attention / state-space hybrids, cross-layer KV sharing, encoder-decoders)."""
         from kvfuse.integrations.hf_config import cache_shape, model_rope
 
         num_layers, hkv, head_dim = cache_shape(config)
