@@ -56,12 +56,14 @@ __all__ = ["Row", "RowOutput", "ROWS", "register", "kvfuse_row", "text_merge", "
 class RowOutput:
     """What a row returns. logits: one float32 CPU tensor ``[len(target), vocab]`` per target of the
     task, ``logits[i]`` predicting ``target[i]``. seconds: measured wall time of the counted work.
-    flops: counted FLOPs (module docstring). note: anything the table should say about this run."""
+    flops: counted FLOPs (module docstring). note: anything the table should say about this run.
+    recomputed: the fraction of the merged sequence's tokens whose K/V were recomputed (repair rows)."""
 
     logits: list[torch.Tensor]
     seconds: float
     flops: float
     note: str = ""
+    recomputed: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +241,7 @@ def prefill_threads(model, task: Task, *, page_size: int = 16):
     return store, prefix, threads
 
 
-def _join(model, task: Task, seq, timer: _Timer, flops: float) -> RowOutput:
+def _join(model, task: Task, seq, timer: _Timer, flops: float, recomputed: float | None = None) -> RowOutput:
     """The join through `hf.decode` on ``seq`` (counted), then the targets (not counted)."""
     from kvfuse.integrations import hf
 
@@ -249,7 +251,7 @@ def _join(model, task: Task, seq, timer: _Timer, flops: float) -> RowOutput:
         out = hf.decode(model, [seq], task.join[None].to(dev))
     flops += forward_flops(model, task.join.numel(), n_seen)
     logits = score_targets(model, seq, out[0, -1], task.targets)
-    return RowOutput(logits, timer.seconds, flops)
+    return RowOutput(logits, timer.seconds, flops, recomputed=recomputed)
 
 
 BeforeJoin = Callable[..., float]
@@ -262,7 +264,8 @@ def kvfuse_row(name: str, layout: str, *, before_join: BeforeJoin | None = None,
     ``before_join(model, task, merged) -> flops``, when given, runs after the merge and before the
     join (timed with them) and may change the merged sequence's K/V in place: the place of repair
     (recompute chosen tokens with full visibility) and of any other post-merge treatment. It must
-    leave ``merged`` live and return the FLOPs it spent (`forward_flops` counts a forward)."""
+    leave ``merged`` live and return the FLOPs it spent (`forward_flops` counts a forward), or
+    ``(flops, recomputed)`` with the fraction of the merged tokens it recomputed."""
     import kvfuse
 
     def run(model, task: Task) -> RowOutput:
@@ -272,9 +275,10 @@ def kvfuse_row(name: str, layout: str, *, before_join: BeforeJoin | None = None,
             prefix.release()
             with timer():
                 merged = kvfuse.merge(threads, layout=layout)
-                flops = float(before_join(model, task, merged)) if before_join is not None else 0.0
+                spent = before_join(model, task, merged) if before_join is not None else 0.0
+            flops, recomputed = spent if isinstance(spent, tuple) else (spent, None)
             try:
-                return _join(model, task, merged, timer, flops)
+                return _join(model, task, merged, timer, float(flops), recomputed)
             finally:
                 merged.release()
 
@@ -365,7 +369,7 @@ def repair_before_join(policy: str, budget: float):
             if policy == "union":
                 chosen = repair.union(chosen, repair.first_tokens(merged, 16))
         hf.repair(model, merged, ids, chosen)
-        return flops + repair_flops(model, chosen)
+        return flops + repair_flops(model, chosen), chosen.numel() / merged.num_tokens
 
     return fn
 
