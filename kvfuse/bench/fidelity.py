@@ -115,7 +115,8 @@ HEAD = ("row", "gold log-lik", "rank", "acc", "EM", "KL mean", "KL max", "top-1"
 def _line(label: str, m: dict) -> str:
     cells = [label, _f(m.get("loglik"), ".2f"), _f(m.get("rank"), ".2f"), _f(m.get("acc"), ".2f"),
              _f(m.get("em"), ".2f"), _f(m["kl_mean"]), _f(m["kl_max"]), _f(m["top1"], ".3f"),
-             _f(m.get("recomputed"), ".1%"), _f(m["flops_rel"], ".3f"), _f(m["time_rel"], ".2f"), _f(m["seconds"] * 1000, ".0f")]
+             _f(m.get("recomputed"), ".1%"),
+             _f(m["flops_rel"], ".3f"), _f(m["time_rel"], ".2f"), _f(m["seconds"] * 1000, ".0f")]
     return "| " + " | ".join(cells) + " |"
 
 
