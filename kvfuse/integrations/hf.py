@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 
 import torch
 
@@ -123,7 +124,9 @@ class _Step:
     slots: torch.Tensor
     plan: BatchPlan
     undo: list  # per row: (pages, segments) before the step
+    q_offset: int  # row 0's tokens before the step (where transformers' masks put the first query)
     layers: set = dataclasses.field(default_factory=set)
+    masks: set = dataclasses.field(default_factory=set)  # (id, window) of the masks checked in this step
 
 
 class KVFuseCache(Cache):
@@ -143,6 +146,9 @@ class KVFuseCache(Cache):
     batch reshaping methods are not supported (fork threads instead). A forward that raises (a
     refused mask, wrong positions, an unsupported attention argument, out of pages) leaves every row
     as it was; a forward interrupted between layers by anything else is undone when the next one starts.
+    Refused at its first layer, a forward has written nothing; refused at a later one (a mask of another
+    layer type that is not its plain causal / sliding pattern), the rows, refcounts and free list are
+    restored and the earlier layers' writes lie in slots that no row holds.
     """
 
     def __init__(self, store: PagedKVStore, rows: list[Sequence], *, hogwild: bool = False, config=None):
@@ -261,7 +267,8 @@ class KVFuseCache(Cache):
         """Everything a forward can be refused for, checked before the rows grow."""
         b, _, q, _ = query.shape
         if query.dtype != self.store.k_cache.dtype or layer.key.dtype != self.store.k_cache.dtype:
-            raise ValueError(f"KVFuseCache: the model runs in {query.dtype}, the store holds {self.store.k_cache.dtype}")
+            raise ValueError(f"KVFuseCache: the model runs in {query.dtype}, the store holds "
+                             f"{self.store.k_cache.dtype}")
         want = self._positions(q)
         pos = kwargs.get("position_ids")
         issued = self._issued
@@ -276,25 +283,27 @@ class KVFuseCache(Cache):
         if need > self.store.num_free:
             raise RuntimeError(f"KVFuseCache: out of pages: this forward needs {need}, {self.store.num_free} free")
 
-    def _begin(self, q: int) -> None:
+    def _begin(self, q: int, mask) -> None:
         """Reserve ``q`` slots per row and plan the step. Host work only: the slots and the plan's
         metadata reach the device in non-blocking copies (no synchronisation per step)."""
         undo = [(list(r.pages), list(r.segments)) for r in self.rows]
+        q_offset = self.rows[0].num_tokens
         try:
             slots = torch.cat([r._host_slots(r._grow(q), q) for r in self.rows])
             self._step = _Step(q, to_device_async(slots, self.store.device),
-                               batch_plan(self.rows, q, hogwild=self.hogwild), undo)
+                               batch_plan(self.rows, q, hogwild=self.hogwild), undo, q_offset, masks={mask})
         except Exception:
             self._undo(undo)
             raise
 
     def _undo(self, undo) -> None:
-        """Put every row back as it was before the step (pages it took are released)."""
-        for r, (pages, segments) in zip(self.rows, undo):
+        """Put every row back as it was before the step: the pages it took are released in the reverse
+        order of their allocation, so the free list is as before too."""
+        for r, (pages, segments) in reversed(list(zip(self.rows, undo))):
             now = set(r.pages)
             before = set(pages)
             self.store.incref([p for p in pages if p not in now])  # a shared last page copied on write
-            self.store.decref([p for p in r.pages if p not in before])
+            self.store._unalloc([p for p in r.pages if p not in before])  # [copied page, new pages...]
             r.pages, r.segments = pages, segments
         self._step = None
 
@@ -307,12 +316,16 @@ class KVFuseCache(Cache):
             if step is not None and len(step.layers) < self.store.num_layers:
                 self._undo(step.undo)  # the previous forward stopped between layers
             self._check_first_layer(query, layer, attention_mask, kwargs)
-            self._begin(query.shape[2])
+            self._begin(query.shape[2], (id(attention_mask), window))
             step = self._step
         try:
             b, hq, q, d = query.shape
             if q != step.q_len:
                 raise ValueError(f"KVFuseCache: layer {layer.layer} has {q} queries, the forward {step.q_len}")
+            if attention_mask is not None and (id(attention_mask), window) not in step.masks:
+                # a mask the first layer did not see (another layer type's): refused here, the step undone
+                _check_mask(attention_mask, q, step.q_offset, window)
+                step.masks.add((id(attention_mask), window))
             k = layer.key.transpose(1, 2).reshape(b * q, *layer.key.shape[1::2])
             v = layer.value.transpose(1, 2).reshape(b * q, *layer.value.shape[1::2])
             self.store.write_(layer.layer, step.slots, k, v)
@@ -326,10 +339,26 @@ class KVFuseCache(Cache):
         return out.view(b, q, hq, d)
 
 
+# The masks `_mask` made from a 2D attention mask that pads some token (by id; a mask lives for one forward).
+_PADDED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _mask(*args, attention_mask=None, **kwargs):
+    """transformers' SDPA mask (the "kvfuse" mask interface), remembering the masks made from a padding mask:
+    a `KVFuseCache` refuses those at the first layer even where its sliding window hides the padded tokens
+    (Gemma 2 / 3, Cohere 2: the full-attention layers after it would see them)."""
+    mask = sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    if isinstance(mask, torch.Tensor) and attention_mask is not None and not bool(attention_mask.all()):
+        _PADDED[id(mask)] = mask
+    return mask
+
+
 def _check_mask(mask: torch.Tensor, q: int, q_offset: int, window: int | None) -> None:
-    """A mask transformers built for a `KVFuseCache` must be its plain causal (sliding) pattern: any
-    other is padding or a custom mask, which a paged row (whose mask is its segment graph) cannot take."""
-    ok = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-2] == q
+    """A mask transformers built for a `KVFuseCache` must be its plain causal (sliding) pattern, and not
+    made from a padding mask: any other is padding or a custom mask, which a paged row (whose mask is its
+    segment graph) cannot take."""
+    ok = (isinstance(mask, torch.Tensor) and _PADDED.get(id(mask)) is not mask and mask.dtype == torch.bool
+          and mask.dim() == 4 and mask.shape[-2] == q)
     if ok:
         kv = mask.shape[-1]
         qi = q_offset + torch.arange(q, device=mask.device)[:, None]
@@ -364,7 +393,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 def register() -> None:
     """Register ``attn_implementation="kvfuse"`` with transformers (done on import; idempotent)."""
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, _mask)
 
 
 register()
