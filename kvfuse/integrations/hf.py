@@ -343,11 +343,18 @@ class KVFuseCache(Cache):
 _PADDED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _mask(*args, attention_mask=None, **kwargs):
-    """transformers' SDPA mask (the "kvfuse" mask interface), remembering the masks made from a padding mask:
-    a `KVFuseCache` refuses those at the first layer even where its sliding window hides the padded tokens
+def _mask(*args, attention_mask=None, config=None, **kwargs):
+    """transformers' SDPA mask (the "kvfuse" mask interface).
+
+    It refuses the models whose attention kvfuse cannot compute (`unsupported_attention`) before any layer
+    runs: models that compute attention in their own code (Bloom, MPT) call no kvfuse function but this
+    one, and would misread its boolean masks. It remembers the masks made from a padding mask: a
+    `KVFuseCache` refuses those at the first layer even where its sliding window hides the padded tokens
     (Gemma 2 / 3, Cohere 2: the full-attention layers after it would see them)."""
-    mask = sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    why = unsupported_attention(config) if config is not None else []
+    if why:
+        raise UnsupportedModel(f"attn_implementation={NAME!r}: " + "; ".join(why))
+    mask = sdpa_mask(*args, attention_mask=attention_mask, config=config, **kwargs)
     if isinstance(mask, torch.Tensor) and attention_mask is not None and not bool(attention_mask.all()):
         _PADDED[id(mask)] = mask
     return mask
