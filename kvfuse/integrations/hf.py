@@ -88,13 +88,17 @@ _MEANING = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bi
             "block_indices": "block-sparse attention indices", "attention_chunk_size": "chunked attention"}
 
 
+def _model_name(module) -> str:
+    return getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+
+
 def _options(module, kwargs) -> tuple[int | None, float]:
     """The sliding window and soft-cap a layer asks for; raises `UnsupportedModel` on an argument
     kvfuse cannot honour (naming it and the model)."""
     for key, value in kwargs.items():
         if key in _BOOKKEEPING or value is None or value is False:
             continue
-        model = getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+        model = _model_name(module)
         what = _MEANING.get(key, "an attention argument kvfuse does not know")
         raise UnsupportedModel(f"{model}: its attention passes {key}= ({what}), which kvfuse's attention does not "
                                f"compute; use another attn_implementation for this model")
@@ -263,12 +267,16 @@ class KVFuseCache(Cache):
                 "position_ids": self.position_ids(n).to(input_ids.device), CACHE_KW: self}
 
     # ------------------------------------------------------------------ one forward
-    def _check_first_layer(self, query, layer: _PagedLayer, attention_mask, kwargs) -> None:
+    def _check_first_layer(self, module, query, layer: _PagedLayer, attention_mask, kwargs) -> None:
         """Everything a forward can be refused for, checked before the rows grow."""
         b, _, q, _ = query.shape
         if query.dtype != self.store.k_cache.dtype or layer.key.dtype != self.store.k_cache.dtype:
             raise ValueError(f"KVFuseCache: the model runs in {query.dtype}, the store holds "
                              f"{self.store.k_cache.dtype}")
+        if kwargs.get("position_ids") is None:  # transformers passes them wherever the model's attention forwards them
+            raise UnsupportedModel(f"KVFuseCache: {_model_name(module)} does not pass position_ids to its attention, "
+                                   f"so kvfuse cannot check that the positions it rotated the new keys at continue "
+                                   f"the cache's rows; use transformers' own cache for this model")
         want = self._positions(q)
         pos = kwargs.get("position_ids")
         issued = self._issued
@@ -315,7 +323,7 @@ class KVFuseCache(Cache):
         if step is None or layer.layer in step.layers:  # a new forward
             if step is not None and len(step.layers) < self.store.num_layers:
                 self._undo(step.undo)  # the previous forward stopped between layers
-            self._check_first_layer(query, layer, attention_mask, kwargs)
+            self._check_first_layer(module, query, layer, attention_mask, kwargs)
             self._begin(query.shape[2], (id(attention_mask), window))
             step = self._step
         try:
