@@ -112,12 +112,33 @@ def _options(module, kwargs) -> tuple[int | None, float]:
 @dataclasses.dataclass
 class _PagedLayer:
     """What `KVFuseCache.update` returns instead of dense K/V: this layer's new K/V, written to the
-    paged store by the attention call (after its checks), never before."""
+    paged store by the attention call (after its checks), never before.
+
+    Only kvfuse's attention function reads it. A model that uses it as a tensor computes attention in its
+    own code, not through transformers' attention interface (Bloom, CodeGen before transformers 5.24): any
+    tensor operation or attribute of it raises `UnsupportedModel`, before anything is written."""
 
     cache: KVFuseCache
     layer: int
     key: torch.Tensor  # [B, Hkv, q, D], keys rotated
     value: torch.Tensor
+
+    def _refuse(self) -> UnsupportedModel:
+        model = getattr(self.cache.config, "model_type", None) or "this model"
+        return UnsupportedModel(f"KVFuseCache: {model} computes attention in its own modeling code (it used the "
+                                f"cache's keys/values itself, not through transformers' attention interface), which "
+                                f"a KVFuseCache cannot serve")
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # Python's protocols (copy, pickle) look these up and expect AttributeError
+            raise AttributeError(name)
+        raise self._refuse()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        layer = next(a for a in (*args, *(kwargs or {}).values(), *(x for a in args if isinstance(a, (list, tuple))
+                                                                     for x in a)) if isinstance(a, cls))
+        raise layer._refuse()
 
 
 @dataclasses.dataclass
