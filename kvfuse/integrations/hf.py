@@ -62,13 +62,15 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"kvfuse.integrations.hf needs transformers >= 5.10 ({e}): pip install 'kvfuse[hf]'") from e
 
-from kvfuse.attention import attention
+from kvfuse.attention import AttentionPlan, AttentionSpec, attention
 from kvfuse.compat import sdpa
 from kvfuse.integrations.hf_config import UnsupportedModel, cache_shape, unsupported_attention
 from kvfuse.paged import to_device_async
+from kvfuse.segments import Segment, SegmentGraph
 from kvfuse.threads import BatchPlan, PagedKVStore, Sequence, _check_rows, batch_plan
 
-__all__ = ["NAME", "KVFuseCache", "UnsupportedModel", "register", "attention_forward", "prefill", "decode"]
+__all__ = ["NAME", "KVFuseCache", "UnsupportedModel", "register", "attention_forward", "prefill", "decode", "repair",
+           "kv_deviation"]
 
 NAME = "kvfuse"
 
@@ -143,15 +145,28 @@ class _PagedLayer:
 
 @dataclasses.dataclass
 class _Step:
-    """One forward over the rows: their new slots, the plan, the layers done, and how to undo it."""
+    """One forward over the rows: the slots its tokens' K/V go to, the plan, the layers done, and how
+    to undo it. An append step grows the rows (``undo``: each row's pages and segments before); a
+    rewrite step (repair) overwrites tokens already in row 0 (``backup``: their K/V, all layers)."""
 
     q_len: int
     slots: torch.Tensor
     plan: BatchPlan
-    undo: list  # per row: (pages, segments) before the step
-    q_offset: int  # row 0's tokens before the step (where transformers' masks put the first query)
+    positions: torch.Tensor  # int64 [B, q_len] the position_ids the forward must have
+    undo: list | None = None
+    backup: tuple | None = None
+    probe: int | None = None  # stop at this layer and measure how far its fresh K/V are from the stored
+    q_offset: int = 0  # row 0's tokens before the step (where transformers' masks put the first query)
     layers: set = dataclasses.field(default_factory=set)
     masks: set = dataclasses.field(default_factory=set)  # (id, window) of the masks checked in this step
+
+
+class _ProbeDone(Exception):
+    """Raised by a probing forward at its layer, carrying the deviation of every query token."""
+
+    def __init__(self, deviation: torch.Tensor):
+        super().__init__("probe done")
+        self.deviation = deviation
 
 
 class KVFuseCache(Cache):
@@ -194,6 +209,7 @@ class KVFuseCache(Cache):
                                  f"holds {have}; make it with PagedKVStore.from_hf(config, ...)")
         self.store, self.rows, self.hogwild, self.config = store, rows, bool(hogwild), config
         self._step: _Step | None = None
+        self._pending: _Step | None = None  # a rewrite step the next forward runs (repair)
         self._issued: tuple | None = None  # (tensor, its version, host copy) last returned by position_ids
 
     # ------------------------------------------------------------------ transformers' Cache API
@@ -288,17 +304,18 @@ class KVFuseCache(Cache):
                 "position_ids": self.position_ids(n).to(input_ids.device), CACHE_KW: self}
 
     # ------------------------------------------------------------------ one forward
-    def _check_first_layer(self, module, query, layer: _PagedLayer, attention_mask, kwargs) -> None:
-        """Everything a forward can be refused for, checked before the rows grow."""
+    def _check_first_layer(self, module, query, layer: _PagedLayer, attention_mask, kwargs, want: torch.Tensor) -> None:
+        """Everything a forward can be refused for, checked before the rows grow (or are rewritten)."""
         b, _, q, _ = query.shape
         if query.dtype != self.store.k_cache.dtype or layer.key.dtype != self.store.k_cache.dtype:
             raise ValueError(f"KVFuseCache: the model runs in {query.dtype}, the store holds "
                              f"{self.store.k_cache.dtype}")
+        if want.shape != (b, q):
+            raise ValueError(f"KVFuseCache: this forward has {q} tokens per row, the cache expects {want.shape[1]}")
         if kwargs.get("position_ids") is None:  # transformers passes them wherever the model's attention forwards them
             raise UnsupportedModel(f"KVFuseCache: {_model_name(module)} does not pass position_ids to its attention, "
                                    f"so kvfuse cannot check that the positions it rotated the new keys at continue "
                                    f"the cache's rows; use transformers' own cache for this model")
-        want = self._positions(q)
         pos = kwargs.get("position_ids")
         issued = self._issued
         if issued is not None and pos is issued[0] and pos._version == issued[1] and torch.equal(issued[2], want):
@@ -308,33 +325,59 @@ class KVFuseCache(Cache):
                              f"{want.tolist()}); pass position_ids=cache.position_ids(n)")
         if attention_mask is not None:
             _check_mask(attention_mask, q, self.rows[0].num_tokens, kwargs.get("sliding_window"))
-        need = sum(r.pages_needed(q) for r in self.rows)
+        need = 0 if self._pending is not None else sum(r.pages_needed(q) for r in self.rows)
         if need > self.store.num_free:
             raise RuntimeError(f"KVFuseCache: out of pages: this forward needs {need}, {self.store.num_free} free")
 
-    def _begin(self, q: int, mask) -> None:
+    def _begin(self, q: int) -> None:
         """Reserve ``q`` slots per row and plan the step. Host work only: the slots and the plan's
         metadata reach the device in non-blocking copies (no synchronisation per step)."""
         undo = [(list(r.pages), list(r.segments)) for r in self.rows]
-        q_offset = self.rows[0].num_tokens
+        positions = self._positions(q)
         try:
             slots = torch.cat([r._host_slots(r._grow(q), q) for r in self.rows])
             self._step = _Step(q, to_device_async(slots, self.store.device),
-                               batch_plan(self.rows, q, hogwild=self.hogwild), undo, q_offset, masks={mask})
+                               batch_plan(self.rows, q, hogwild=self.hogwild), positions, undo=undo)
         except Exception:
-            self._undo(undo)
+            self._undo(_Step(q, None, None, positions, undo=undo))
             raise
 
-    def _undo(self, undo) -> None:
-        """Put every row back as it was before the step: the pages it took are released in the reverse
-        order of their allocation, so the free list is as before too."""
-        for r, (pages, segments) in reversed(list(zip(self.rows, undo))):
-            now = set(r.pages)
-            before = set(pages)
-            self.store.incref([p for p in pages if p not in now])  # a shared last page copied on write
-            self.store._unalloc([p for p in r.pages if p not in before])  # [copied page, new pages...]
-            r.pages, r.segments = pages, segments
+    def _undo(self, step: _Step) -> None:
+        """Put every row back as it was before the step: pages it took are released (in the reverse order
+        of their allocation, so the free list is as before too), K/V it overwrote restored."""
+        if step.undo is not None:
+            for r, (pages, segments) in reversed(list(zip(self.rows, step.undo))):
+                now = set(r.pages)
+                before = set(pages)
+                self.store.incref([p for p in pages if p not in now])  # a shared last page copied on write
+                self.store._unalloc([p for p in r.pages if p not in before])  # [copied page, new pages...]
+                r.pages, r.segments = pages, segments
+        if step.backup is not None:
+            k, v = step.backup
+            self.store.k_cache.view(self.store.num_layers, -1, *k.shape[2:])[:, step.slots] = k
+            self.store.v_cache.view(self.store.num_layers, -1, *v.shape[2:])[:, step.slots] = v
         self._step = None
+
+    def _rewrite(self, tokens: torch.Tensor, *, probe: int | None = None) -> None:
+        """Make the next forward recompute row 0's tokens at storage indices ``tokens`` (ascending),
+        in place: each sees every token before it in the row's order (pads excepted), at its own
+        position; nothing grows. With ``probe``, the forward stops at that layer instead (nothing
+        written) and reports how far each token's fresh K/V are from the stored ones."""
+        if len(self.rows) != 1:
+            raise ValueError("KVFuseCache: a rewrite takes one row")
+        r, st = self.rows[0], self.store
+        graph = _sees_everything_before(r)
+        plan = AttentionPlan(AttentionSpec([graph], q_tokens=[tokens.tolist()], device=st.device))
+        ps = st.page_size
+        pages = torch.tensor(r.pages, dtype=torch.int64)
+        slots = to_device_async(pages[tokens // ps] * ps + tokens % ps, st.device)
+        positions = r.positions(include_pads=True)[tokens][None]
+        block_table = to_device_async(torch.tensor(r.pages, dtype=torch.int32), st.device)[None]
+        step = _Step(tokens.numel(), slots, BatchPlan(block_table, plan), positions, probe=probe)
+        if probe is None:
+            view = (st.num_layers, -1, st.num_kv_heads, st.head_dim)
+            step.backup = (st.k_cache.view(view)[:, slots].clone(), st.v_cache.view(view)[:, slots].clone())
+        self._pending = step
 
     def _attend(self, module, query, layer: _PagedLayer, attention_mask, scaling, kwargs):
         window, softcap = _options(module, kwargs)
@@ -342,11 +385,19 @@ class KVFuseCache(Cache):
             raise UnsupportedModel("KVFuseCache: bidirectional (non-causal) attention is not supported")
         step = self._step
         if step is None or layer.layer in step.layers:  # a new forward
-            if step is not None and len(step.layers) < self.store.num_layers:
-                self._undo(step.undo)  # the previous forward stopped between layers
-            self._check_first_layer(module, query, layer, attention_mask, kwargs)
-            self._begin(query.shape[2], (id(attention_mask), window))
+            if step is not None and len(step.layers) < self.store.num_layers and step.probe is None:
+                self._undo(step)  # the previous forward stopped between layers
+            q_offset = self.rows[0].num_tokens
+            if self._pending is not None:
+                self._check_first_layer(module, query, layer, attention_mask, kwargs, self._pending.positions)
+                self._step, self._pending = self._pending, None
+            else:
+                self._check_first_layer(module, query, layer, attention_mask, kwargs, self._positions(query.shape[2]))
+                self._begin(query.shape[2])
+            self._step.q_offset, self._step.masks = q_offset, {(id(attention_mask), window)}
             step = self._step
+        if step.probe is not None and layer.layer == step.probe:
+            raise _ProbeDone(self._deviation(step, layer))
         try:
             b, hq, q, d = query.shape
             if q != step.q_len:
@@ -357,15 +408,41 @@ class KVFuseCache(Cache):
                 step.masks.add((id(attention_mask), window))
             k = layer.key.transpose(1, 2).reshape(b * q, *layer.key.shape[1::2])
             v = layer.value.transpose(1, 2).reshape(b * q, *layer.value.shape[1::2])
-            self.store.write_(layer.layer, step.slots, k, v)
+            if step.probe is None:
+                self.store.write_(layer.layer, step.slots, k, v)
             qf = query.transpose(1, 2).reshape(b * q, hq, d)
             out = attention(qf, self.store.k_cache[layer.layer], self.store.v_cache[layer.layer],
                             step.plan.block_table, step.plan.plan, sm_scale=scaling, softcap=softcap, window=window)
         except Exception:
-            self._undo(step.undo)
+            self._undo(step)
             raise
         step.layers.add(layer.layer)
         return out.view(b, q, hq, d)
+
+    def _deviation(self, step: _Step, layer: _PagedLayer) -> torch.Tensor:
+        """float32 [q]: ||K_fresh - K_stored|| + ||V_fresh - V_stored|| over heads, per query token
+        (CacheBlend's selection signal)."""
+        st = self.store
+        view = (-1, st.num_kv_heads, st.head_dim)
+        k = layer.key[0].transpose(0, 1).float()
+        v = layer.value[0].transpose(0, 1).float()
+        k0 = st.k_cache[layer.layer].view(view)[step.slots].float()
+        v0 = st.v_cache[layer.layer].view(view)[step.slots].float()
+        self._step = None
+        return ((k - k0).flatten(1).norm(dim=1) + (v - v0).flatten(1).norm(dim=1)).cpu()
+
+
+def _sees_everything_before(seq: Sequence) -> SegmentGraph:
+    """``seq``'s segments (with their positions) where every real segment sees all real segments
+    before it: the mask of one causal pass over the sequence's tokens in its order (pads unseen)."""
+    segs, before = [], []
+    for s in seq.segments:
+        if s.pad:
+            segs.append(Segment(s.name, s.length))
+        else:
+            segs.append(Segment(s.name, s.length, tuple(before), s.position))
+            before.append(s.name)
+    return SegmentGraph(segs)
 
 
 # The masks `_mask` made from a 2D attention mask that pads some token (by id; a mask lives for one forward).
@@ -456,3 +533,100 @@ def decode(model, rows: list[Sequence], input_ids: torch.Tensor, *, hogwild: boo
     out = model(input_ids=input_ids, position_ids=cache.position_ids(input_ids.shape[1]), use_cache=True,
                 **{CACHE_KW: cache})
     return out.logits
+
+
+def _one_logit(model) -> dict:
+    """``logits_to_keep=1`` where the model takes it (the logits of a recompute are not needed)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _check_repair_args(model, seq: Sequence, token_ids: torch.Tensor) -> Sequence:
+    seq = _check_rows("repair", [seq], "seq")[0]
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1 or token_ids.dtype not in (torch.int32,
+                                                                                                 torch.int64):
+        raise TypeError(f"repair: token_ids must be a 1-D int tensor (the ids of every real token of seq, in "
+                        f"order), got {getattr(token_ids, 'shape', type(token_ids).__name__)}")
+    if token_ids.numel() != seq.num_tokens:
+        raise ValueError(f"repair: token_ids holds {token_ids.numel()} ids, seq has {seq.num_tokens} tokens")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and token_ids.numel() and not 0 <= int(token_ids.min()) <= int(token_ids.max()) < vocab:
+        raise ValueError(f"repair: token_ids must lie in [0, vocab_size={vocab})")
+    return seq
+
+
+def _real_to_storage(seq: Sequence, tokens, what: str) -> torch.Tensor:
+    """Real-token indices (pads excluded) -> sorted distinct storage indices, validated."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 1 or tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{what}: tokens must be a 1-D int tensor of token indices, got {tokens.dtype} "
+                            f"{tuple(tokens.shape)}")
+        tokens = tokens.cpu().long()
+    else:
+        tokens = list(tokens)
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in tokens):
+            raise TypeError(f"{what}: tokens must be ints (indices of seq's real tokens)")
+        tokens = torch.tensor(tokens, dtype=torch.int64)
+    n = seq.num_tokens
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < n):
+        raise ValueError(f"{what}: tokens must be indices in [0, num_tokens={n})")
+    tokens = torch.unique(tokens)
+    return seq.token_index()[tokens], tokens
+
+
+@torch.no_grad()
+def repair(model, seq: Sequence, token_ids: torch.Tensor, tokens) -> int:
+    """Recompute, in place, the K/V of chosen tokens of ``seq`` at every layer, each token seeing
+    every token before it in ``seq``'s order (CacheBlend / EPIC-style selective recompute after a
+    merge). One forward of the chosen tokens through ``model`` (``attn_implementation="kvfuse"``):
+    at each layer their fresh K/V overwrite the stored ones, then they attend over the sequence
+    (``kvfuse.attention`` with queries at their own indices).
+
+    Recomputing every token of a sequentially merged sequence reproduces the text merge (one causal
+    pass over the concatenated tokens) exactly; fewer tokens trade cost for fidelity.
+
+    Args:
+        seq: a live `kvfuse.Sequence` (e.g. from `kvfuse.merge`). Its pages are written in place (only
+            the chosen tokens' slots); its segments and positions do not change.
+        token_ids: int ``[seq.num_tokens]``: the id of every real token of ``seq``, in order.
+        tokens: indices (into the real tokens, pads excluded) of the tokens to recompute; duplicates
+            are ignored, order does not matter.
+    Returns:
+        the number of tokens recomputed. Nothing is written if the call is refused; a forward that
+        fails part-way restores the chosen tokens' K/V.
+    """
+    seq = _check_repair_args(model, seq, token_ids)
+    storage, real = _real_to_storage(seq, tokens, "repair")
+    if not storage.numel():
+        return 0
+    cache = KVFuseCache(seq.store, [seq], config=model.config)
+    cache._rewrite(storage)
+    dev = seq.store.device
+    pos = seq.positions()[real][None].to(dev)
+    model(input_ids=token_ids.to(dev)[real][None], position_ids=pos, use_cache=True, **_one_logit(model),
+          **{CACHE_KW: cache})
+    return int(storage.numel())
+
+
+@torch.no_grad()
+def kv_deviation(model, seq: Sequence, token_ids: torch.Tensor, *, layer: int = 1) -> torch.Tensor:
+    """How far each real token's stored K/V at ``layer`` are from what it would get seeing every token
+    before it (float32 ``[seq.num_tokens]``: the norm of the K difference plus that of the V
+    difference, over heads). CacheBlend's selection signal: one forward of every token through the
+    first ``layer`` layers (their attention with full visibility), stopped at ``layer``; nothing is
+    written. Layer 0's K/V depend on the token alone, so ``layer`` must be >= 1."""
+    seq = _check_repair_args(model, seq, token_ids)
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer < seq.store.num_layers:
+        raise ValueError(f"kv_deviation: layer must be an int in [1, {seq.store.num_layers})")
+    if not seq.num_tokens:
+        return torch.zeros(0)
+    storage = seq.token_index()
+    cache = KVFuseCache(seq.store, [seq], config=model.config)
+    cache._rewrite(storage, probe=layer)
+    dev = seq.store.device
+    try:
+        model(input_ids=token_ids.to(dev)[None], position_ids=seq.positions()[None].to(dev), use_cache=True,
+              **_one_logit(model), **{CACHE_KW: cache})
+    except _ProbeDone as done:
+        return done.deviation
+    raise RuntimeError("kv_deviation: the model never reached its attention layer "
+                       f"{layer} (does it run attn_implementation='kvfuse'?)")
