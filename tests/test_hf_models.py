@@ -16,9 +16,10 @@ sequences, Gemma 2's soft-cap small enough to bite), compared with the same weig
 
 Every call that writes to a store runs under `_guarded`: when it raises, the store's pools, refcounts,
 free list and every `Sequence` must be bit-identical to before. A check a variant cannot do must raise a
-``ValueError`` (`UnsupportedModel` is one) whose message names the feature (``REFUSE``). Cases waiting for
-a refusal rule in ``kvfuse.integrations.hf_config`` are strict xfails (``PENDING``): they flip to XPASS,
-and fail, when the rule lands.
+``ValueError`` (`UnsupportedModel` is one) whose message names the feature (`Variant.refuse`). Models whose
+transformers code does not go through transformers' attention interface (`_attention_code`; it differs
+between transformers versions) are refused by transformers itself (a fixed table of attention classes:
+``KeyError: 'kvfuse'`` when built) or by kvfuse ("computes attention in its own modeling code").
 
 Tolerance: 2e-5 absolute/relative in float32 (the two paths sum the same products in another order).
 """
@@ -26,6 +27,7 @@ Tolerance: 2e-5 absolute/relative in float32 (the two paths sum the same product
 import contextlib
 import dataclasses
 import functools
+import sys
 
 import pytest
 import torch
@@ -34,6 +36,7 @@ import kvfuse
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("kvfuse.integrations.hf")
+NAME = hf.NAME
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 W = 3  # sliding window (positions): shorter than every test sequence
@@ -54,11 +57,11 @@ class Variant:
     config: str  # the transformers config class
     kwargs: dict
     refuse: dict = dataclasses.field(default_factory=dict)  # check -> (exception type, regex of its message)
-    pending: dict = dataclasses.field(default_factory=dict)  # check -> the hf_config rule it waits for
+    crashes: str = ""  # how a transformers version that cannot run this config at all fails (then skipped)
 
 
-def _v(id, config, refuse=None, pending=None, **kwargs):
-    return Variant(id, config, kwargs, refuse or {}, pending or {})
+def _v(id, config, refuse=None, crashes="", **kwargs):
+    return Variant(id, config, kwargs, refuse or {}, crashes)
 
 
 CHECK_NAMES = ("generate", "paged", "threads", "refusal")
@@ -68,21 +71,14 @@ def _refused(what, checks=CHECK_NAMES, exc=ValueError):
     return dict.fromkeys(checks, (exc, what))
 
 
+LLAMA4 = dict(**C, head_dim=16, intermediate_size_mlp=64, num_local_experts=2, num_experts_per_tok=1,
+              no_rope_layers=[1, 0])  # layer 1: NoPE
+LLAMA4_UNCHUNKED = "its Llama 4 builds chunked masks without attention_chunk_size, even eagerly (5.10.4)"
 C_MHA = {k: v for k, v in C.items() if k != "num_key_value_heads"}  # models whose configs have no KV head count
 FALCON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
               initializer_range=INIT)
-# transformers' Falcon picks its attention class from a fixed table: a model with another one cannot be built.
-# Its eager model on a KVFuseCache is refused (by the attn_implementation check; once hf_config names Falcon's
-# own attention code, by that).
-FALCON_REFUSE = {**_refused("kvfuse", CHECK_NAMES[:3], KeyError), "refusal": (ValueError, "attn_implementation|own "
-                                                                               "modeling code")}
-OWN_CODE = ("hf_config rule: unsupported_attention names models that compute attention in their own modeling code "
-            "({}); today attn_implementation='kvfuse' is accepted by transformers and {}")
-MLA = ("hf_config rule: cache_shape / unsupported_attention refuse multi-head latent attention (MLA) by name; today "
-       "the paged store is refused for its shape only (and transformers' cache runs it on torch's SDPA)")
-CHUNKED = ("hf_config rule: unsupported_attention names chunked attention (attention_chunk_size) and Llama 4's "
-           "attn_temperature_tuning; today a KVFuseCache refuses Llama 4 for not passing position_ids to its attention "
-           "(and transformers' cache runs the chunked mask on torch's SDPA)")
+# Falcon builds its attention from a fixed table (`_attention_code`): its eager model on a KVFuseCache is refused
+FALCON_REFUSE = {"refusal": (ValueError, "falcon computes attention in its own modeling code")}
 
 VARIANTS = [
     _v("llama", "LlamaConfig", **C),
@@ -113,6 +109,7 @@ VARIANTS = [
     _v("phi", "PhiConfig", **C, partial_rotary_factor=0.5),
     _v("phi3-sliding", "Phi3Config", **C, sliding_window=W),
     _v("gpt_neox", "GPTNeoXConfig", **C_MHA, rotary_pct=0.5),
+    _v("gpt_neox-stray-kv-heads", "GPTNeoXConfig", **C, rotary_pct=0.5),  # a field GPT-NeoX ignores
     _v("gptj", "GPTJConfig", vocab_size=96, n_positions=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
        initializer_range=INIT),
     _v("codegen", "CodeGenConfig", vocab_size=96, n_positions=128, n_ctx=128, n_embd=64, n_layer=2, n_head=4,
@@ -130,25 +127,27 @@ VARIANTS = [
     _v("falcon-rope", "FalconConfig", **FALCON, alibi=False, multi_query=False, num_kv_heads=4,
        refuse=FALCON_REFUSE),
     _v("falcon-alibi", "FalconConfig", **FALCON, alibi=True, multi_query=False, num_kv_heads=4,
-       refuse=FALCON_REFUSE),
+       refuse={"refusal": (ValueError, "falcon uses ALiBi")}),
     _v("falcon-multi-query", "FalconConfig", **FALCON, alibi=False, multi_query=True, refuse=FALCON_REFUSE),
+    _v("falcon-new-arch", "FalconConfig", **FALCON, alibi=False, new_decoder_architecture=True, num_kv_heads=2,
+       refuse=FALCON_REFUSE),
     _v("gpt2", "GPT2Config", vocab_size=96, n_positions=128, n_embd=64, n_layer=2, n_head=4, initializer_range=INIT),
     _v("opt", "OPTConfig", vocab_size=96, hidden_size=64, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
        max_position_embeddings=128, word_embed_proj_dim=64, init_std=INIT),
     _v("bloom-alibi", "BloomConfig", vocab_size=96, hidden_size=64, n_layer=2, n_head=4, initializer_range=INIT,
-       refuse=_refused("own modeling code"), pending=dict.fromkeys(CHECK_NAMES, OWN_CODE.format(
-           "bloom", "adds kvfuse's boolean masks to its scores (silently wrong); a KVFuseCache crashes"))),
+       refuse=_refused("bloom uses ALiBi")),
     _v("mpt-alibi", "MptConfig", vocab_size=96, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
-       initializer_range=INIT,
-       refuse=_refused("own modeling code"), pending=dict.fromkeys(CHECK_NAMES, OWN_CODE.format(
-           "mpt", "crashes on the mask kvfuse skips (None); a KVFuseCache crashes"))),
+       initializer_range=INIT, refuse=_refused("mpt uses ALiBi")),
     _v("deepseek_v3-mla", "DeepseekV3Config", **{**C, "num_key_value_heads": 4}, moe_intermediate_size=32,
        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1,
-       refuse=_refused("multi-head latent attention"), pending=dict.fromkeys(CHECK_NAMES, MLA)),
-    _v("llama4_text-chunked", "Llama4TextConfig", **C, head_dim=16, intermediate_size_mlp=64, num_local_experts=2,
-       num_experts_per_tok=1, no_rope_layers=[1, 0], attention_chunk_size=4,
-       refuse=_refused("chunked attention"), pending=dict.fromkeys(CHECK_NAMES, CHUNKED)),
+       refuse=_refused(r"multi-head latent attention \(MLA\)")),
+    _v("llama4_text-chunked", "Llama4TextConfig", **LLAMA4, attention_chunk_size=4,
+       refuse=_refused("chunked attention")),
+    _v("llama4_text-temperature", "Llama4TextConfig", **LLAMA4, attention_chunk_size=None,
+       refuse=_refused("attn_temperature_tuning"), crashes=LLAMA4_UNCHUNKED),
+    _v("llama4_text-plain", "Llama4TextConfig", **LLAMA4, attention_chunk_size=None, attn_temperature_tuning=False,
+       refuse=_refused("does not pass position_ids", CHECK_NAMES[1:]), crashes=LLAMA4_UNCHUNKED),
     _v("gpt_oss-sinks", "GptOssConfig", **C, head_dim=16, **MOE, **MIXED, refuse=_refused("attention sinks")),
 ]
 
@@ -167,6 +166,12 @@ def _model(v: Variant, attn: str):
     model = transformers.AutoModelForCausalLM.from_config(_config(v), attn_implementation="eager").float().eval()
     model.generation_config.eos_token_id = None  # always generate NEW tokens
     model.generation_config.pad_token_id = 0
+    if v.crashes:
+        try:
+            with torch.no_grad():
+                model(torch.ones(1, 2, dtype=torch.long))
+        except Exception as e:
+            pytest.skip(f"transformers {transformers.__version__}: {v.crashes} ({type(e).__name__}: {e})")
     if attn == "eager":
         return model
     other = transformers.AutoModelForCausalLM.from_config(_config(v), attn_implementation=attn).float().eval()
@@ -329,8 +334,8 @@ def check_refusal(v: Variant, monkeypatch):
         ref(ids, position_ids=cache.position_ids(2), **{hf.CACHE_KW: cache})
 
 
-def check_refusal_falcon(v: Variant, monkeypatch):
-    """Falcon cannot be built with kvfuse's attention: its eager model on a `KVFuseCache` is refused."""
+def check_refusal_eager(v: Variant, monkeypatch):
+    """For models that cannot be built with kvfuse's attention: the eager model on a `KVFuseCache` is refused."""
     ref = _model(v, "eager")
     store = _store(ref)
     seq = store.sequence()
@@ -342,21 +347,46 @@ def check_refusal_falcon(v: Variant, monkeypatch):
 CHECKS = {"generate": check_generate, "paged": check_paged, "threads": check_threads, "refusal": check_refusal}
 
 
-def _cases():
-    for v in VARIANTS:
-        for name in CHECKS:
-            marks = [pytest.mark.xfail(strict=True, reason=v.pending[name])] if name in v.pending else []
-            yield pytest.param(v, name, id=f"{v.id}-{name}", marks=marks)
+def _attention_code(v: Variant) -> str:
+    """How the installed transformers' modeling code of ``v`` runs attention: "interface" (through transformers'
+    attention interface, which attn_implementation="kvfuse" plugs into), "table" (it builds its attention from
+    a fixed table of classes: a model with another implementation cannot be built) or "own" (in its own code,
+    whatever attn_implementation says)."""
+    module = sys.modules[type(_model(v, "eager")).__module__]
+    if hasattr(module, "ALL_ATTENTION_FUNCTIONS"):
+        return "interface"
+    return "table" if any(name.endswith("_ATTENTION_CLASSES") for name in vars(module)) else "own"
 
 
-@pytest.mark.parametrize(("variant", "check"), _cases())
-def test_model(variant, check, monkeypatch):
-    run = check_refusal_falcon if check == "refusal" and variant.config == "FalconConfig" else CHECKS[check]
-    if check not in variant.refuse:
+OWN_CODE_RULE = ("hf_config rule: unsupported_attention names {} where the installed transformers computes its "
+                 "attention in its own modeling code (transformers {}): attn_implementation='kvfuse' is accepted there "
+                 "and the model reads kvfuse's boolean masks as its own additive ones")
+
+
+def _expected(v: Variant, check: str, request):
+    """``(exception, regex)`` of the refusal ``check`` must raise on ``v`` with this transformers, or None (exact).
+    An own-code model that hf_config does not refuse is a strict xfail: it waits for that rule."""
+    code = _attention_code(v)
+    if code == "table":
+        return v.refuse.get(check, (ValueError, "attn_implementation") if check == "refusal" else (KeyError, NAME))
+    if code == "own" and check not in v.refuse:
+        if check == "generate":
+            reason = OWN_CODE_RULE.format(_model(v, "eager").config.model_type, transformers.__version__)
+            request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+        return ValueError, "own modeling code"
+    return v.refuse.get(check)
+
+
+@pytest.mark.parametrize("check", CHECK_NAMES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.id for v in VARIANTS])
+def test_model(variant, check, monkeypatch, request):
+    table = check == "refusal" and _attention_code(variant) == "table"
+    run = check_refusal_eager if table else CHECKS[check]
+    refusal = _expected(variant, check, request)
+    if refusal is None:
         run(variant, monkeypatch)
         return
-    exc, what = variant.refuse[check]
-    with pytest.raises(exc, match=what):
+    with pytest.raises(refusal[0], match=refusal[1]):
         run(variant, monkeypatch)
 
 
@@ -368,3 +398,15 @@ def test_unsupported_attention_is_refused_at_the_mask(arch, monkeypatch):
     monkeypatch.setattr(hf, "unsupported_attention", lambda config: [f"{config.model_type} uses a feature X"])
     with pytest.raises(hf.UnsupportedModel, match=f"{model.config.model_type} uses a feature X"):
         model.generate(_ids((1, PROMPT), 7), max_new_tokens=1, do_sample=False)
+
+
+def test_own_attention_code_is_refused_on_a_kvfuse_cache(monkeypatch):
+    """A model that uses the K/V a `KVFuseCache` hands back as tensors (it computes attention in its own code)
+    is refused by name at its first use, with the store unchanged, even when hf_config does not name it."""
+    model = _model(next(v for v in VARIANTS if v.id == "bloom-alibi"), "kvfuse")
+    monkeypatch.setattr(hf, "unsupported_attention", lambda config: [])
+    store = _store(model)
+    seq = store.sequence()
+    with pytest.raises(hf.UnsupportedModel, match="bloom computes attention in its own modeling code"), \
+            _guarded(store, [seq]):
+        hf.prefill(model, seq, _ids((1, PROMPT), 8))
