@@ -410,3 +410,17 @@ def test_own_attention_code_is_refused_on_a_kvfuse_cache(monkeypatch):
     with pytest.raises(hf.UnsupportedModel, match="bloom computes attention in its own modeling code"), \
             _guarded(store, [seq]):
         hf.prefill(model, seq, _ids((1, PROMPT), 8))
+
+
+@pytest.mark.parametrize("use", [lambda t: t.transpose(1, 2), lambda t: t.shape, lambda t: t[:, :, -1:],
+                                 lambda t: t * 0.5, lambda t: torch.cat([torch.zeros(1, 1, 1, 16), t], dim=2),
+                                 lambda t: torch.zeros(1, 1, 1, 16) @ t],
+                         ids=["method", "attribute", "index", "operator", "torch.cat", "matmul"])
+def test_kvfuse_cache_keys_refuse_tensor_use(use):
+    """What `KVFuseCache.update` hands back is for kvfuse's attention only: used as a tensor, it refuses by name."""
+    model = _model(VARIANTS[0], "kvfuse")
+    store = _store(model)
+    cache = hf.KVFuseCache(store, [store.sequence()], config=model.config)
+    key, _ = cache.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), 0)
+    with pytest.raises(hf.UnsupportedModel, match="llama computes attention in its own modeling code"):
+        use(key)

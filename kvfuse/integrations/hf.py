@@ -117,7 +117,7 @@ class _PagedLayer:
     paged store by the attention call (after its checks), never before.
 
     Only kvfuse's attention function reads it. A model that uses it as a tensor computes attention in its
-    own code, not through transformers' attention interface (Bloom, CodeGen before transformers 5.24): any
+    own code, not through transformers' attention interface (Bloom; CodeGen on transformers 5.10): any
     tensor operation or attribute of it raises `UnsupportedModel`, before anything is written."""
 
     cache: KVFuseCache
@@ -136,11 +136,16 @@ class _PagedLayer:
             raise AttributeError(name)
         raise self._refuse()
 
+    def _refusing(self, *args):
+        raise self._refuse()
+
+    __getitem__ = __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __matmul__ = _refusing
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        layer = next(a for a in (*args, *(kwargs or {}).values(), *(x for a in args if isinstance(a, (list, tuple))
-                                                                     for x in a)) if isinstance(a, cls))
-        raise layer._refuse()
+        flat = [*args, *(kwargs or {}).values()]
+        flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]  # torch.cat([past, new])
+        raise next(a for a in flat if isinstance(a, cls))._refuse()
 
 
 @dataclasses.dataclass
@@ -312,11 +317,11 @@ class KVFuseCache(Cache):
                              f"{self.store.k_cache.dtype}")
         if want.shape != (b, q):
             raise ValueError(f"KVFuseCache: this forward has {q} tokens per row, the cache expects {want.shape[1]}")
-        if kwargs.get("position_ids") is None:  # transformers passes them wherever the model's attention forwards them
+        pos = kwargs.get("position_ids")
+        if pos is None:  # transformers passes them wherever the model's attention forwards them
             raise UnsupportedModel(f"KVFuseCache: {_model_name(module)} does not pass position_ids to its attention, "
                                    f"so kvfuse cannot check that the positions it rotated the new keys at continue "
                                    f"the cache's rows; use transformers' own cache for this model")
-        pos = kwargs.get("position_ids")
         issued = self._issued
         if issued is not None and pos is issued[0] and pos._version == issued[1] and torch.equal(issued[2], want):
             pos = None  # the tensor of position_ids(), unmodified and still right: no device round trip
