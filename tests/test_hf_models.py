@@ -73,7 +73,7 @@ def _refused(what, checks=CHECK_NAMES, exc=ValueError):
 
 LLAMA4 = dict(**C, head_dim=16, intermediate_size_mlp=64, num_local_experts=2, num_experts_per_tok=1,
               no_rope_layers=[1, 0])  # layer 1: NoPE
-LLAMA4_UNCHUNKED = "its Llama 4 builds chunked masks without attention_chunk_size, even eagerly (5.10.4)"
+LLAMA4_UNCHUNKED = "its Llama 4 builds chunked masks without attention_chunk_size, even eagerly"
 C_MHA = {k: v for k, v in C.items() if k != "num_key_value_heads"}  # models whose configs have no KV head count
 FALCON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
               initializer_range=INIT)
