@@ -144,7 +144,9 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
 
 def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap):
     """torch's SDPA, or with ``softcap`` the same computation written out (torch's has no soft-cap):
-    scores in the inputs' dtype, capped, masked, softmax in float32, as transformers' eager attention."""
+    scores in the inputs' dtype, capped, masked, softmax in float32, as transformers' eager attention; a
+    query that sees no key gets a zero output, as from torch's SDPA (a left-padded row's first tokens
+    under a sliding window: a NaN there would reach every token through the next layer's values)."""
     if not softcap:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -161,7 +163,8 @@ def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    p = torch.softmax(s.float(), dim=-1).to(query.dtype)
+    p = torch.softmax(s.float(), dim=-1)
+    p = torch.where((s > float("-inf")).any(-1, keepdim=True), p, 0.0).to(query.dtype)
     if dropout_p:
         p = F.dropout(p, dropout_p)
     return torch.matmul(p, value)

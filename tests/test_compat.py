@@ -51,6 +51,20 @@ def test_sdpa_matches_torch(case, monkeypatch):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=["bool", "additive"])
+def test_sdpa_softcap_fallback_query_that_sees_no_key(mask_dtype):
+    """The written-out soft-cap path follows torch's SDPA where a query sees no key: a zero output, not NaN
+    (left padding under a sliding window). A cap far above the scores leaves them as they are."""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.rand(3, 5) > 0.3
+    mask[0], mask[1:, 0] = False, True
+    if mask_dtype is torch.float32:
+        mask = torch.zeros(3, 5).masked_fill(~mask, float("-inf"))
+    got = kvfuse.sdpa(q, k, v, attn_mask=mask, softcap=1e9)
+    assert torch.equal(got[:, :, 0], torch.zeros_like(got[:, :, 0]))
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=ATOL, rtol=RTOL)
+
+
 def test_sdpa_gradients_and_dropout_go_to_torch():
     q, k, v = (torch.randn(1, 2, 3, 8, requires_grad=True) for _ in range(3))
     out = kvfuse.sdpa(q, k, v, is_causal=True)

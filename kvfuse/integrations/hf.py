@@ -5,8 +5,9 @@ APIs (``AttentionInterface`` and ``AttentionMaskInterface``; nothing is patched)
 
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="kvfuse")
 
-runs every attention through kvfuse. Tested with transformers 5.10 and 5.24 on the Llama, Qwen2, Mistral,
-Gemma 2 / 3 and GPT-NeoX families (`tests/test_hf_integration.py`, `tests/test_model_zoo.py`).
+runs every attention through kvfuse. Tested with transformers 5.10 and 5.24 on 45 variants of 35
+architectures, each exact against eager attention or refused by name (`tests/test_hf_models.py`; rotations:
+`tests/test_model_zoo.py`). Models that compute attention in their own code (Bloom, MPT, Falcon) are refused.
 
 * With transformers' own caches (``DynamicCache``, or none) the attention goes through `kvfuse.sdpa`:
   causal / decode masks run on `kvfuse.attention`, any other mask (padding, sliding windows that
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 
 import torch
 
@@ -89,13 +91,17 @@ _MEANING = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bi
             "block_indices": "block-sparse attention indices", "attention_chunk_size": "chunked attention"}
 
 
+def _model_name(module) -> str:
+    return getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+
+
 def _options(module, kwargs) -> tuple[int | None, float]:
     """The sliding window and soft-cap a layer asks for; raises `UnsupportedModel` on an argument
     kvfuse cannot honour (naming it and the model)."""
     for key, value in kwargs.items():
         if key in _BOOKKEEPING or value is None or value is False:
             continue
-        model = getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+        model = _model_name(module)
         what = _MEANING.get(key, "an attention argument kvfuse does not know")
         raise UnsupportedModel(f"{model}: its attention passes {key}= ({what}), which kvfuse's attention does not "
                                f"compute; use another attn_implementation for this model")
@@ -109,12 +115,38 @@ def _options(module, kwargs) -> tuple[int | None, float]:
 @dataclasses.dataclass
 class _PagedLayer:
     """What `KVFuseCache.update` returns instead of dense K/V: this layer's new K/V, written to the
-    paged store by the attention call (after its checks), never before."""
+    paged store by the attention call (after its checks), never before.
+
+    Only kvfuse's attention function reads it. A model that uses it as a tensor computes attention in its
+    own code, not through transformers' attention interface (Bloom; CodeGen on transformers 5.10): any
+    tensor operation or attribute of it raises `UnsupportedModel`, before anything is written."""
 
     cache: KVFuseCache
     layer: int
     key: torch.Tensor  # [B, Hkv, q, D], keys rotated
     value: torch.Tensor
+
+    def _refuse(self) -> UnsupportedModel:
+        model = getattr(self.cache.config, "model_type", None) or "this model"
+        return UnsupportedModel(f"KVFuseCache: {model} computes attention in its own modeling code (it used the "
+                                f"cache's keys/values itself, not through transformers' attention interface), which "
+                                f"a KVFuseCache cannot serve")
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # Python's protocols (copy, pickle) look these up and expect AttributeError
+            raise AttributeError(name)
+        raise self._refuse()
+
+    def _refusing(self, *args):
+        raise self._refuse()
+
+    __getitem__ = __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __matmul__ = _refusing
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        flat = [*args, *(kwargs or {}).values()]
+        flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]  # torch.cat([past, new])
+        raise next(a for a in flat if isinstance(a, cls))._refuse()
 
 
 @dataclasses.dataclass
@@ -130,7 +162,9 @@ class _Step:
     undo: list | None = None
     backup: tuple | None = None
     probe: int | None = None  # stop at this layer and measure how far its fresh K/V are from the stored
+    q_offset: int = 0  # row 0's tokens before the step (where transformers' masks put the first query)
     layers: set = dataclasses.field(default_factory=set)
+    masks: set = dataclasses.field(default_factory=set)  # (id, window) of the masks checked in this step
 
 
 class _ProbeDone(Exception):
@@ -158,6 +192,9 @@ class KVFuseCache(Cache):
     batch reshaping methods are not supported (fork threads instead). A forward that raises (a
     refused mask, wrong positions, an unsupported attention argument, out of pages) leaves every row
     as it was; a forward interrupted between layers by anything else is undone when the next one starts.
+    Refused at its first layer, a forward has written nothing; refused at a later one (a mask of another
+    layer type that is not its plain causal / sliding pattern), the rows, refcounts and free list are
+    restored and the earlier layers' writes lie in slots that no row holds.
     """
 
     def __init__(self, store: PagedKVStore, rows: list[Sequence], *, hogwild: bool = False, config=None):
@@ -273,7 +310,7 @@ class KVFuseCache(Cache):
                 "position_ids": self.position_ids(n).to(input_ids.device), CACHE_KW: self}
 
     # ------------------------------------------------------------------ one forward
-    def _check_first_layer(self, query, layer: _PagedLayer, attention_mask, kwargs, want: torch.Tensor) -> None:
+    def _check_first_layer(self, module, query, layer: _PagedLayer, attention_mask, kwargs, want: torch.Tensor) -> None:
         """Everything a forward can be refused for, checked before the rows grow (or are rewritten)."""
         b, _, q, _ = query.shape
         if query.dtype != self.store.k_cache.dtype or layer.key.dtype != self.store.k_cache.dtype:
@@ -282,6 +319,10 @@ class KVFuseCache(Cache):
         if want.shape != (b, q):
             raise ValueError(f"KVFuseCache: this forward has {q} tokens per row, the cache expects {want.shape[1]}")
         pos = kwargs.get("position_ids")
+        if pos is None:  # transformers passes them wherever the model's attention forwards them
+            raise UnsupportedModel(f"KVFuseCache: {_model_name(module)} does not pass position_ids to its attention, "
+                                   f"so kvfuse cannot check that the positions it rotated the new keys at continue "
+                                   f"the cache's rows; use transformers' own cache for this model")
         issued = self._issued
         if issued is not None and pos is issued[0] and pos._version == issued[1] and torch.equal(issued[2], want):
             pos = None  # the tensor of position_ids(), unmodified and still right: no device round trip
@@ -308,14 +349,14 @@ class KVFuseCache(Cache):
             raise
 
     def _undo(self, step: _Step) -> None:
-        """Put every row back as it was before the step: pages it took are released, K/V it
-        overwrote restored."""
+        """Put every row back as it was before the step: pages it took are released (in the reverse order
+        of their allocation, so the free list is as before too), K/V it overwrote restored."""
         if step.undo is not None:
-            for r, (pages, segments) in zip(self.rows, step.undo):
+            for r, (pages, segments) in reversed(list(zip(self.rows, step.undo))):
                 now = set(r.pages)
                 before = set(pages)
                 self.store.incref([p for p in pages if p not in now])  # a shared last page copied on write
-                self.store.decref([p for p in r.pages if p not in before])
+                self.store._unalloc([p for p in r.pages if p not in before])  # [copied page, new pages...]
                 r.pages, r.segments = pages, segments
         if step.backup is not None:
             k, v = step.backup
@@ -352,12 +393,14 @@ class KVFuseCache(Cache):
         if step is None or layer.layer in step.layers:  # a new forward
             if step is not None and len(step.layers) < self.store.num_layers and step.probe is None:
                 self._undo(step)  # the previous forward stopped between layers
+            q_offset = self.rows[0].num_tokens
             if self._pending is not None:
-                self._check_first_layer(query, layer, attention_mask, kwargs, self._pending.positions)
+                self._check_first_layer(module, query, layer, attention_mask, kwargs, self._pending.positions)
                 self._step, self._pending = self._pending, None
             else:
-                self._check_first_layer(query, layer, attention_mask, kwargs, self._positions(query.shape[2]))
+                self._check_first_layer(module, query, layer, attention_mask, kwargs, self._positions(query.shape[2]))
                 self._begin(query.shape[2])
+            self._step.q_offset, self._step.masks = q_offset, {(id(attention_mask), window)}
             step = self._step
         if step.probe is not None and layer.layer == step.probe:
             raise _ProbeDone(self._deviation(step, layer))
@@ -365,6 +408,10 @@ class KVFuseCache(Cache):
             b, hq, q, d = query.shape
             if q != step.q_len:
                 raise ValueError(f"KVFuseCache: layer {layer.layer} has {q} queries, the forward {step.q_len}")
+            if attention_mask is not None and (id(attention_mask), window) not in step.masks:
+                # a mask the first layer did not see (another layer type's): refused here, the step undone
+                _check_mask(attention_mask, q, step.q_offset, window)
+                step.masks.add((id(attention_mask), window))
             k = layer.key.transpose(1, 2).reshape(b * q, *layer.key.shape[1::2])
             v = layer.value.transpose(1, 2).reshape(b * q, *layer.value.shape[1::2])
             if step.probe is None:
@@ -404,10 +451,33 @@ def _sees_everything_before(seq: Sequence) -> SegmentGraph:
     return SegmentGraph(segs)
 
 
+# The masks `_mask` made from a 2D attention mask that pads some token (by id; a mask lives for one forward).
+_PADDED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _mask(*args, attention_mask=None, config=None, **kwargs):
+    """transformers' SDPA mask (the "kvfuse" mask interface).
+
+    It refuses the models whose attention kvfuse cannot compute (`unsupported_attention`) before any layer
+    runs: models that compute attention in their own code (Bloom, MPT) call no kvfuse function but this
+    one, and would misread its boolean masks. It remembers the masks made from a padding mask: a
+    `KVFuseCache` refuses those at the first layer even where its sliding window hides the padded tokens
+    (Gemma 2 / 3, Cohere 2: the full-attention layers after it would see them)."""
+    why = unsupported_attention(config) if config is not None else []
+    if why:
+        raise UnsupportedModel(f"attn_implementation={NAME!r}: " + "; ".join(why))
+    mask = sdpa_mask(*args, attention_mask=attention_mask, config=config, **kwargs)
+    if isinstance(mask, torch.Tensor) and attention_mask is not None and not bool(attention_mask.all()):
+        _PADDED[id(mask)] = mask
+    return mask
+
+
 def _check_mask(mask: torch.Tensor, q: int, q_offset: int, window: int | None) -> None:
-    """A mask transformers built for a `KVFuseCache` must be its plain causal (sliding) pattern: any
-    other is padding or a custom mask, which a paged row (whose mask is its segment graph) cannot take."""
-    ok = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-2] == q
+    """A mask transformers built for a `KVFuseCache` must be its plain causal (sliding) pattern, and not
+    made from a padding mask: any other is padding or a custom mask, which a paged row (whose mask is its
+    segment graph) cannot take."""
+    ok = (isinstance(mask, torch.Tensor) and _PADDED.get(id(mask)) is not mask and mask.dtype == torch.bool
+          and mask.dim() == 4 and mask.shape[-2] == q)
     if ok:
         kv = mask.shape[-1]
         qi = q_offset + torch.arange(q, device=mask.device)[:, None]
@@ -442,7 +512,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 def register() -> None:
     """Register ``attn_implementation="kvfuse"`` with transformers (done on import; idempotent)."""
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, _mask)
 
 
 register()
