@@ -358,21 +358,13 @@ def _attention_code(v: Variant) -> str:
     return "table" if any(name.endswith("_ATTENTION_CLASSES") for name in vars(module)) else "own"
 
 
-OWN_CODE_RULE = ("hf_config rule: unsupported_attention names {} where the installed transformers computes its "
-                 "attention in its own modeling code (transformers {}): attn_implementation='kvfuse' is accepted there "
-                 "and the model reads kvfuse's boolean masks as its own additive ones")
-
-
 def _expected(v: Variant, check: str, request):
     """``(exception, regex)`` of the refusal ``check`` must raise on ``v`` with this transformers, or None (exact).
-    An own-code model that hf_config does not refuse is a strict xfail: it waits for that rule."""
+    A model whose installed modeling code computes attention itself is refused by name."""
     code = _attention_code(v)
     if code == "table":
         return v.refuse.get(check, (ValueError, "attn_implementation") if check == "refusal" else (KeyError, NAME))
-    if code == "own" and check not in v.refuse:
-        if check == "generate":
-            reason = OWN_CODE_RULE.format(_model(v, "eager").config.model_type, transformers.__version__)
-            request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+    if code == "own" and check not in v.refuse:  # hf_config reads the installed modeling code: refused by name
         return ValueError, "own modeling code"
     return v.refuse.get(check)
 

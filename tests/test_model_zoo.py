@@ -406,7 +406,10 @@ def test_model_rope_of_refuses_a_buffer_it_cannot_explain():
 def test_model_rope_of_checks_the_gptj_table():
     model = _model("gptj")
     assert model_rope_of(model) == model_rope(model.config)
-    model.transformer.rotary_emb.embed_positions.mul_(0.5)
+    tables = [b for n, b in model.named_buffers() if n.endswith("embed_positions")]  # shared, or per layer (5.10)
+    assert tables
+    for t in tables:
+        t.mul_(0.5)
     with pytest.raises(UnsupportedModel, match="sin/cos table"):
         model_rope_of(model)
 

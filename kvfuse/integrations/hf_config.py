@@ -20,7 +20,9 @@ older ``rope_theta`` / ``rope_scaling`` attributes and plain objects with the sa
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -346,6 +348,20 @@ def cache_shape(config: Any) -> tuple[int, int, int]:
     return _num_layers(config), hkv, _head_dim(config, fam)
 
 
+def _own_attention_installed(model_type: str) -> bool:
+    """Whether the installed transformers' modeling code of ``model_type`` computes attention without its
+    attention interface (models moved onto it over releases: CodeGen uses its own code in 5.10, the
+    interface in 5.24). Only looked up when transformers is already imported; unknown: False."""
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except Exception:  # noqa: BLE001 - a model type without its own modeling module
+        return False
+    return not hasattr(module, "ALL_ATTENTION_FUNCTIONS") and not any(
+        name.endswith("_ATTENTION_CLASSES") for name in vars(module))
+
+
 def unsupported_attention(config: Any) -> list[str]:
     """The attention features of this model that kvfuse's attention cannot compute, each a short phrase
     naming the feature and the model (empty when kvfuse can run its attention).
@@ -366,7 +382,7 @@ def unsupported_attention(config: Any) -> list[str]:
         out.append(f"{mt} uses chunked attention (attention_chunk_size={chunk})")
     if fam.no_rotary and fam.no_rotary(config) == "ALiBi position biases":
         out.append(f"{mt} uses ALiBi position biases")
-    if fam.own_attention:
+    if fam.own_attention or _own_attention_installed(mt):
         out.append(f"{mt} computes attention in its own modeling code, not through transformers' attention interface")
     if getattr(config, "use_bidirectional_attention", False):
         out.append(f"{mt} uses bidirectional (non-causal) attention (use_bidirectional_attention=True)")
