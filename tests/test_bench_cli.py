@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvfuse import bench
-from kvfuse.bench import common
+from kvfuse.bench import common, report
 
 FAST = ["--rep-ms", "1", "--quiet", "--device", "cpu"]
 TINY = {
@@ -69,7 +69,7 @@ def test_json_and_csv_fields(tmp_path):
     assert triton_row["status"] in ("ok", "skipped")
     with open(cs) as f:
         rows = list(csv.DictReader(f))
-    assert set(common.CSV_META) | set(common.FIELDS) <= set(rows[0])
+    assert set(report.CSV_META) | set(common.FIELDS) <= set(rows[0])
     assert {r["provider"] for r in rows} == {"torch", "triton"}
     assert rows[0]["torch"] and rows[0]["date"]
 
@@ -126,6 +126,40 @@ def test_plot(tmp_path, capsys):
         assert e.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
     else:
         assert bench.main(argv) == 0 and png.stat().st_size > 0
+
+
+def test_plot_series_draws_every_scenario_that_ran():
+    """`all --plot`: a panel per scenario with a measured row; lines through the swept sizes (one per series,
+    whatever the label says about the size), bars where one size ran."""
+    R = common.Result
+    rows = [R("ceilings", "copy", "copy", "copy_", "ok", ms=1.0, unit="TB/s", value=4.0),
+            R("ceilings", "matmul", "matmul", "matmul", "ok", ms=2.0, unit="TFLOP/s", value=700.0),
+            R("rerotate", "c", "torch", "torch", "ok", ms=3.0, unit="TB/s", value=0.2, x=64),
+            R("rerotate", "c", "triton", "kvfuse triton", "ok", ms=0.3, unit="TB/s", value=2.0, x=64),
+            R("rerotate", "c", "cuda", "kvfuse cuda", "skipped", note="no GPU", x=64),
+            R("decode", "c", "cuda", "kvfuse cuda", "skipped", note="no GPU", x=512)]
+    for T in (1, 3):
+        rows += [R("threads", f"T={T}", "batched", f"batched: {T} rows", "ok", ms=2.0, unit="tok/s", value=T * 500,
+                   x=T, series="batched"),
+                 R("threads", f"T={T}", "one-by-one", f"one-by-one: {T} calls", "ok", ms=2.0 * T, unit="tok/s",
+                   value=500, x=T, series="one-by-one")]
+    panels = report.plot_series(rows)
+    assert list(panels) == ["ceilings", "rerotate", "threads"]  # decode measured nothing
+    assert panels["ceilings"] == {"unit": "rate", "bars": [("copy_", 4.0, "TB/s"), ("matmul", 700.0, "TFLOP/s")]}
+    assert panels["rerotate"]["bars"] == [("torch", 0.2, "TB/s"), ("kvfuse triton", 2.0, "TB/s")]
+    assert panels["threads"] == {"unit": "tok/s", "lines": {"batched": [(1, 500), (3, 1500)],
+                                                            "one-by-one": [(1, 500), (3, 500)]}}
+
+
+def test_threads_plot_draws_lines(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("transformers")
+    png, js = tmp_path / "t.png", tmp_path / "t.json"
+    assert bench.main(["threads", *TINY["threads"], *FAST, "--plot", str(png), "--json", str(js)]) == 0
+    assert png.stat().st_size > 0
+    results = [common.Result(**r) for r in json.loads(js.read_text())["results"]]
+    lines = report.plot_series(results)["threads"]["lines"]
+    assert set(lines) == {"batched", "one-by-one"} and all([x for x, _ in p] == [1, 3] for p in lines.values())
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -213,26 +247,26 @@ def test_git_commit_falls_back_to_the_environment(monkeypatch):
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(common.subprocess, "run", no_git)
+    monkeypatch.setattr(report.subprocess, "run", no_git)
     monkeypatch.delenv("KVFUSE_GIT_COMMIT", raising=False)
-    assert common._git_commit() is None
+    assert report._git_commit() is None
     monkeypatch.setenv("KVFUSE_GIT_COMMIT", "abc1234")
-    assert common._git_commit() == "abc1234"
-    assert common.environment(torch.device("cpu"))["git_commit"] == "abc1234"
+    assert report._git_commit() == "abc1234"
+    assert report.environment(torch.device("cpu"))["git_commit"] == "abc1234"
 
     class NotARepo:
         returncode, stdout = 128, ""
 
-    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: NotARepo())
-    assert common._git_commit() == "abc1234"
+    monkeypatch.setattr(report.subprocess, "run", lambda *a, **k: NotARepo())
+    assert report._git_commit() == "abc1234"
 
     class Repo:
         returncode, stdout = 0, "f00d\n"
 
-    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: Repo())
-    assert common._git_commit() == "abc1234"  # the environment wins over a .git that may be stale
+    monkeypatch.setattr(report.subprocess, "run", lambda *a, **k: Repo())
+    assert report._git_commit() == "abc1234"  # the environment wins over a .git that may be stale
     monkeypatch.delenv("KVFUSE_GIT_COMMIT")
-    assert common._git_commit().startswith("f00d")
+    assert report._git_commit().startswith("f00d")
 
 
 def test_all_time_limit_skips_scenarios_not_started(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,9 @@ import importlib.util
 import sys
 import time
 
-from kvfuse.bench.common import DTYPES, HIDDEN_PROVIDERS, PROVIDERS, Ctx, Result, environment, free_memory
+from kvfuse.bench.common import DTYPES, HIDDEN_PROVIDERS, PROVIDERS, Ctx, Result
+from kvfuse.bench.report import environment
+from kvfuse.bench.timing import free_memory
 
 SCENARIOS = {
     "rerotate": "RoPE re-rotation of a paged K cache in place (BENCH_TARGETS.md section 1)",
@@ -151,7 +153,10 @@ def _validate(ap: argparse.ArgumentParser, args) -> None:
     if args.command == "fidelity":
         from kvfuse.bench import fidelity
 
-        fidelity.validate(sub, args)
+        try:
+            fidelity.validate(sub, args)
+        except ImportError as e:
+            sub.error(str(e))
     # the list for the scenarios that take one (threads, e2e); the single value for the others
     args.thread_counts, args.threads = args.threads, (args.threads[0] if args.threads else None)
     if args.plot:
@@ -264,19 +269,19 @@ def _start_warmup(ctx: Ctx, names: tuple[str, ...]):
 
 
 def _write_outputs(args, meta: dict, ctx: Ctx) -> None:
-    from kvfuse.bench import common
+    from kvfuse.bench import report
 
     if args.json:
-        common.write_json(args.json, meta, ctx.results)
+        report.write_json(args.json, meta, ctx.results)
     if args.csv:
-        common.write_csv(args.csv, meta, ctx.results)
+        report.write_csv(args.csv, meta, ctx.results)
     if args.plot and args.command == "fidelity":
         from kvfuse.bench import fidelity
 
         fidelity.write_plot(args.plot, dict(meta, model=args.model), ctx.results)
     elif args.plot:
         x_names = {n: getattr(importlib.import_module(f"kvfuse.bench.{n}"), "X_NAME", "size") for n in SCENARIOS}
-        common.write_plot(args.plot, meta, ctx.results, x_names)
+        report.write_plot(args.plot, meta, ctx.results, x_names)
     for what, path in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)):
         if path:
             print(f"{what} written to {path}")

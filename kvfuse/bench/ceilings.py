@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from kvfuse.bench.common import Case, Ctx, Progress, Provider, fmt_bytes, run_case
+from kvfuse.bench.common import Case, Ctx, Provider, fmt_bytes
+from kvfuse.bench.runner import run_case
+from kvfuse.bench.timing import Progress
 
 NAME = "ceilings"
 
