@@ -191,7 +191,8 @@ def test_help_lists_scenarios(capsys):
         bench.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("rerotate", "compose", "prefill", "decode", "e2e", "threads", "all", "ceilings"):
+    for name in ("rerotate", "compose", "prefill", "decode", "e2e", "threads", "all", "ceilings", "fidelity",
+                 "validate"):
         assert name in out
 
 
@@ -330,3 +331,41 @@ def test_flashinfer_warmup_falls_back_to_lazy_compiles(monkeypatch):
     args = ap.parse_args(["all", "--device", "cpu"])
     bench._validate(ap, args)
     assert bench._start_warmup(common.Ctx(args, torch.device("cpu")), bench.ALL_ORDER) is None
+
+
+def test_validate_calls_every_kernel_once(capsys):
+    """`validate --calls` (what compute-sanitizer runs): every small call on the chosen backends, each compared
+    with the torch backend; a backend that cannot run here is skipped with the reason."""
+    from kvfuse.bench import validate
+
+    assert bench.main(["validate", "--calls", "--backends", "triton,cuda"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in validate.CALLS:
+        for backend in ("triton", "cuda"):
+            (line,) = [x for x in lines if x.startswith(f"{name} [{backend}]: ")]
+            assert line.split(": ", 1)[1].startswith(("ok (max error", "skipped (")), line
+
+
+def test_validate_catches_a_wrong_kernel(monkeypatch, capsys):
+    from kvfuse.bench import validate
+
+    def off_by_one(backend, dev):  # the "kernel" of every backend but torch is off by one
+        return torch.ones(3, device=dev) + (backend != "torch")
+
+    monkeypatch.setattr(validate, "CALLS", {"merge_states": off_by_one})
+    assert bench.main(["validate", "--calls", "--backends", "triton"]) == 1
+    assert "merge_states [triton]: WRONG (max error 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("passing", [True, False], ids=["tests-pass", "a-test-fails"])
+def test_validate_runs_the_test_suite(tmp_path, capsys, passing):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_one.py").write_text(f"def test_one():\n    assert {passing}\n")
+    logs = tmp_path / "logs"
+    rc = bench.main(["validate", "--tests", str(suite), "--workers", "0", "--log-dir", str(logs)])
+    out = capsys.readouterr().out
+    assert rc == (0 if passing else 1)
+    assert ("1 passed" if passing else "1 failed") in (logs / "pytest.log").read_text()
+    if not torch.cuda.is_available():
+        assert "## compute-sanitizer: skipped (no CUDA GPU)" in out

@@ -1,4 +1,4 @@
-"""Fidelity: how close is a merged KV cache to the text merge, on a trained model (BENCH_TARGETS.md section 7).
+"""Fidelity: how close is a merged KV cache to the text merge, on a trained model (bench/TARGETS.md section 7).
 
     kvfuse-bench fidelity --model smollm2-135m --tasks reading,branches --threads 2,4,8 --seeds 0,1,2 \\
         --json fidelity.json --plot fidelity.png
