@@ -21,23 +21,9 @@ void compose_copy_(at::Tensor k_cache, at::Tensor v_cache, at::Tensor src_slots,
   const at::Tensor src = (same ? src_slots : src_slots.to(at::kLong)).contiguous();
   const at::Tensor dst = (same ? dst_slots : dst_slots.to(at::kLong)).contiguous();
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  kvfuse::ComposeArgs a{};
-  a.k_cache = k_cache.data_ptr();
-  a.v_cache = v_cache.data_ptr();
-  a.src_slots = src.data_ptr();
-  a.dst_slots = dst.data_ptr();
-  a.slots64 = src.scalar_type() == at::kLong;
-  a.table_idx = table_idx.data_ptr<int32_t>();
-  a.cos = cos.data_ptr<float>();
-  a.sin = sin.data_ptr<float>();
-  a.n = n;
-  a.num_layers = static_cast<int>(d[0]);
-  a.slots_per_layer = d[1];
-  a.num_heads = static_cast<int>(d[2]);
-  a.head_dim = static_cast<int>(d[3]);
-  a.rotary_dim = static_cast<int>(rotary_dim);
-  a.interleaved = interleaved;
+  const kvfuse::SlotRotateParams p =
+      kvfuse::slot_params(k_cache, v_cache.data_ptr(), src, dst, table_idx, cos, sin, rotary_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   KVFUSE_DISPATCH_FLOAT(k_cache.scalar_type(), "compose_copy_",
-                        [&] { KVFUSE_CUDA_OK(kvfuse::compose_copy<scalar_t>(a, stream)); });
+                        [&] { KVFUSE_CUDA_OK(kvfuse::compose_copy<scalar_t>(p, interleaved, stream)); });
 }

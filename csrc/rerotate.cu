@@ -13,21 +13,8 @@ void rerotate_(at::Tensor k_cache, at::Tensor slots, at::Tensor table_idx, at::T
   if (n == 0) return;
   const at::Tensor s = slots.contiguous();
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  kvfuse::RerotateArgs a{};
-  a.k_cache = k_cache.data_ptr();
-  a.slots = s.data_ptr();
-  a.slots64 = s.scalar_type() == at::kLong;
-  a.table_idx = table_idx.data_ptr<int32_t>();
-  a.cos = cos.data_ptr<float>();
-  a.sin = sin.data_ptr<float>();
-  a.n = n;
-  a.num_layers = static_cast<int>(d[0]);
-  a.slots_per_layer = d[1];
-  a.num_heads = static_cast<int>(d[2]);
-  a.head_dim = static_cast<int>(d[3]);
-  a.rotary_dim = static_cast<int>(rotary_dim);
-  a.interleaved = interleaved;
+  const kvfuse::SlotRotateParams p = kvfuse::slot_params(k_cache, nullptr, s, s, table_idx, cos, sin, rotary_dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   KVFUSE_DISPATCH_FLOAT(k_cache.scalar_type(), "rerotate_",
-                        [&] { KVFUSE_CUDA_OK(kvfuse::rerotate<scalar_t>(a, stream)); });
+                        [&] { KVFUSE_CUDA_OK(kvfuse::rerotate<scalar_t>(p, interleaved, stream)); });
 }

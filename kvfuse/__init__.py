@@ -5,6 +5,7 @@ from kvfuse.attention import AttentionPlan, AttentionSpec, attention, lse_from_b
 from kvfuse.compat import flash_attn_with_kvcache, sdpa
 from kvfuse.compose import Composed, SourceSegment, compose, pages_needed
 from kvfuse.dispatch import BackendNotSupported, available
+from kvfuse.integrations.hf_config import UnsupportedModel
 from kvfuse.merge_states import merge_states
 from kvfuse.paged import PagePool, gather_kv, slots_of, write_kv_
 from kvfuse.rerotate import rerotate_
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionPlan", "AttentionSpec", "BackendNotSupported", "BatchPlan", "Composed", "ModelRope", "PagePool",
-    "PagedKVStore", "RopeConfig", "Segment", "SegmentGraph", "SegmentInfo", "Sequence", "SourceSegment", "attention", "available",
-    "batch_plan", "compose", "flash_attn_with_kvcache", "fork", "gather_kv", "lse_from_base2", "lse_to_base2",
-    "merge", "merge_states", "pages_needed", "plan", "rerotate_", "sdpa", "slots_of", "write_kv_",
+    "PagedKVStore", "RopeConfig", "Segment", "SegmentGraph", "SegmentInfo", "Sequence", "SourceSegment",
+    "UnsupportedModel", "attention", "available", "batch_plan", "compose", "flash_attn_with_kvcache", "fork",
+    "gather_kv", "lse_from_base2", "lse_to_base2", "merge", "merge_states", "pages_needed", "plan", "rerotate_",
+    "sdpa", "slots_of", "write_kv_",
 ]

@@ -199,6 +199,25 @@ class AttentionPlan:
         self.token_seg, self.token_pos = self.token_seg.contiguous(), self.token_pos.contiguous()
         self._tiles: dict = {}
 
+    def check_block_table(self, block_table: torch.Tensor, k_cache: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless every page id this plan's sequences use (``block_table`` int32
+        ``[B, max_pages]``) lies in the pool ``k_cache`` (``[num_pages, page_size, ...]``). Checked once per
+        (block table, its version, pool size): `attention` calls it for every layer of a step, and each
+        check costs a device round trip. Tensors made under ``torch.inference_mode`` have no version
+        counter: they are checked at every call."""
+        num_pages, page_size = k_cache.shape[-4], k_cache.shape[-3]
+        try:
+            version = block_table._version
+        except RuntimeError:
+            version = None
+        seen = getattr(self, "_checked_table", None)
+        if version is not None and seen is not None and seen[0]() is block_table and seen[1:] == (version, num_pages):
+            return
+        used = torch.cat([block_table[b, : -(-n // page_size)] for b, n in enumerate(self.kv_lens_list)])
+        check_in_range("block_table", used, 0, num_pages, "page ids")
+        if version is not None:
+            self._checked_table = (weakref.ref(block_table), version, num_pages)
+
     def visible_pairs(self, window: int | None = None) -> int:
         """(query, key) pairs that are visible: the work of the attention, for FLOP counts."""
         per_class = [g.visible_pairs(q_tokens=_query_tokens(qs, g.num_tokens), window=window)
@@ -310,7 +329,7 @@ def _classify(graph: SegmentGraph, queries, bq: int, bk: int, window: int | None
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
               plan: AttentionPlan, *, sm_scale: float | None = None, softcap: float = 0.0, window: int | None = None,
-              return_lse: bool = False, backend: str | None = None):
+              return_lse: bool = False, backend: str | None = None, check: bool = True):
     """Segment-masked attention of each sequence's queries over its paged K/V.
 
     Query token i of a sequence sees key token j iff j's segment is an ancestor of i's segment, or
@@ -331,6 +350,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         softcap: attention-logit soft-capping (Gemma 2): scores ``s = sm_scale * q.k`` become
             ``softcap * tanh(s / softcap)`` before the softmax; 0 (default) turns it off.
         window: sliding window in positions (an int >= 1; Mistral / Gemma sliding layers), or None.
+        check: check that the page ids the plan's sequences use lie in the pool (a device round trip,
+            once per block table, its version and plan). Under ``torch.compile`` or a CUDA-graph
+            capture nothing may read a tensor's values: validate the table once beforehand with
+            ``plan.check_block_table(block_table, k_cache)`` and pass ``check=False`` there.
         return_lse: also return the log-sum-exp of the scaled scores, float32 ``[total_q, Hq]``, in
             **natural log** (`lse_to_base2` converts). A query that sees nothing gets -inf and a zero
             output.
@@ -375,7 +398,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     need = -(-plan.max_kv // page_size)
     if block_table.shape[1] < need:
         raise ValueError(f"block_table has {block_table.shape[1]} columns, the longest sequence needs {need} pages")
-    _check_block_table(plan, block_table, k_cache.shape[0], page_size)
+    if check:
+        if torch.compiler.is_compiling():
+            raise ValueError("attention(check=True) reads the block table's values, which torch.compile cannot "
+                             "trace: call plan.check_block_table(block_table, k_cache) once outside and pass "
+                             "check=False inside the compiled function")
+        plan.check_block_table(block_table, k_cache)
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     if sm_scale == 0.0:  # every score is 0: a uniform softmax (kernels would compute -inf * 0 on masked keys)
         q, sm_scale = torch.zeros_like(q), 1.0
@@ -397,24 +425,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
                                          plan.token_seg, plan.ancestors, plan.q_token, plan.token_pos, *tm_args,
                                          sm_scale, float(softcap), window or 0, b)
     return (out, lse) if return_lse else out
-
-
-def _check_block_table(plan: AttentionPlan, block_table: torch.Tensor, num_pages: int, page_size: int) -> None:
-    """Every page id the plan's sequences use lies in the pool. Checked once per (block table, its
-    version, pool size) and plan: every layer of a model step passes the same table, and each check
-    costs a device round trip. Tensors made under ``torch.inference_mode`` have no version counter:
-    they are checked at every call."""
-    try:
-        version = block_table._version
-    except RuntimeError:
-        version = None
-    seen = getattr(plan, "_checked_table", None)
-    if version is not None and seen is not None and seen[0]() is block_table and seen[1:] == (version, num_pages):
-        return
-    used = torch.cat([block_table[b, : -(-n // page_size)] for b, n in enumerate(plan.kv_lens_list)])
-    check_in_range("block_table", used, 0, num_pages, "page ids")
-    if version is not None:
-        plan._checked_table = (weakref.ref(block_table), version, num_pages)
 
 
 def lse_to_base2(lse: torch.Tensor) -> torch.Tensor:

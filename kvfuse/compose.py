@@ -191,6 +191,32 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     check_same_pool("k_cache", k_cache, "v_cache", v_cache)
     check_disjoint("k_cache", k_cache, "v_cache", v_cache)
     runs = layer_runs(rope, k_cache, v_cache)
+    segments = _host_segments(segments, k_cache)
+    new_pos = _new_positions(segments, layout, positions)
+    for i, (s, p) in enumerate(zip(segments, new_pos)):
+        if p < 0 or p + s.length - 1 > MAX_POSITION:
+            raise ValueError(f"segment {i}: new positions [{p}, {p + s.length}) overflow [0, {MAX_POSITION}]")
+    page_size = k_cache.shape[-3]
+    lay = _plan_layout(segments, page_size, new_pos)
+    _check_moves(segments, lay, new_pos, rope, page_size)
+    work = _backends(runs, lay, backend, k_cache.shape[-1])
+    table, dst = _allocate(segments, lay, dst_pages, k_cache)
+    # everything is validated: now write. Copies read sources before any in-place rotation.
+    _write(work, segments, lay, table, new_pos, page_size, k_cache.device)
+    ranges, off = [], 0
+    for s in segments:
+        ranges.append((off, off + s.length))
+        off += s.length
+    reused = [p for k, p in lay.table if k == "reuse"]
+    reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
+    out = to_device_async(torch.cat([table, dst.to(torch.int32), reused_t]), k_cache.device)
+    table_d, dst_d, reused_d = out.split([table.numel(), dst.numel(), reused_t.numel()])
+    return Composed(table_d, off, ranges, new_pos, dst_d, reused_d)
+
+
+def _host_segments(segments, k_cache: torch.Tensor) -> list[SourceSegment]:
+    """Validate the segments and return them with host (int64) page lists. The page lists on the
+    device come back in one transfer (the only device round trip; none for host page lists)."""
     segments = list(segments)
     if not segments:
         raise ValueError("segments must not be empty")
@@ -205,9 +231,6 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
                 raise TypeError(f"segments[{i}].{field} must be an int, got {val!r}")
         if s.pages.device != k_cache.device and s.pages.device.type != "cpu":
             raise ValueError(f"segments[{i}].pages must be on {k_cache.device} or the CPU, got {s.pages.device}")
-    # all bookkeeping runs on host copies of the page lists; the ones on the device come back in one
-    # transfer (the only device round trip; none if the caller passes host page lists)
-    device = k_cache.device
     on_dev = [i for i, s in enumerate(segments) if s.pages.device.type != "cpu"]
     host = [s.pages.to(torch.int64) for s in segments]
     if on_dev:
@@ -222,12 +245,11 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
                              f"{s.pages.numel()} pages of {page_size}")
         if s.position < 0 or s.position + s.length - 1 > MAX_POSITION:
             raise ValueError(f"segments[{i}].position={s.position} must keep its positions in [0, {MAX_POSITION}]")
-    new_pos = _new_positions(segments, layout, positions)
-    for i, (s, p) in enumerate(zip(segments, new_pos)):
-        if p < 0 or p + s.length - 1 > MAX_POSITION:
-            raise ValueError(f"segment {i}: new positions [{p}, {p + s.length}) overflow [0, {MAX_POSITION}]")
-    lay = _plan_layout(segments, page_size, new_pos)
+    return segments
 
+
+def _check_moves(segments, lay: _Layout, new_pos, rope, page_size: int) -> None:
+    """In-place rotations may not touch pages a kept segment still owns; moving needs a movable model."""
     def used(s):  # the pages holding the segment's tokens
         return s.pages[s.start // page_size: -(-(s.start + s.length) // page_size)]
 
@@ -239,25 +261,36 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
                              "that is not given up; give up both or neither")
     if any(new_pos[i] != segments[i].position for i, _ in lay.copies) or lay.rotations:
         check_movable(rope)
-    # per run of layers that rotate alike: (config, k view, v view, copy backend, rotation backend);
-    # a NoPE run copies with the identity rotation and rotates nothing
-    identity = RopeConfig(head_dim=k_cache.shape[-1], rotary_dim=2)
+
+
+def _backends(runs, lay: _Layout, backend, head_dim: int) -> list:
+    """Per run of layers that rotate alike: ``(config, k view, v view, copy backend, rotation
+    backend)``, every backend chosen before anything is written. A NoPE run (config None) copies
+    with the identity rotation and rotates nothing."""
     work = []
     for cfg, kv, vv in runs:
-        c = cfg or identity
+        c = cfg or _identity(head_dim)
         copy_b = choose("compose_copy_", backend, k_cache=kv, rotary_dim=c.rotary_dim,
                         interleaved=c.interleaved) if lay.copies else None
         rot_b = choose("rerotate_", backend, k_cache=kv, rotary_dim=c.rotary_dim,
                        interleaved=c.interleaved) if lay.rotations and cfg is not None else None
         work.append((cfg, kv, vv, copy_b, rot_b))
+    return work
 
-    # destination pages are read (and validated) only when the composition copies
-    pool = dst_pages if isinstance(dst_pages, PagePool) and lay.n_new else None
-    if pool is not None and pool.num_pages > k_cache.shape[-4]:
-        raise ValueError(f"dst_pages: the PagePool has {pool.num_pages} pages, the pools only {k_cache.shape[-4]}")
+
+def _identity(head_dim: int) -> RopeConfig:
+    return RopeConfig(head_dim=head_dim, rotary_dim=2)  # rotated by 0 only: cos 1, sin 0 exactly
+
+
+def _allocate(segments, lay: _Layout, dst_pages, k_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The composed page table and the destination pages used (read and validated only when the
+    composition copies; pages taken from a `PagePool` are given back if the table is refused)."""
     if dst_pages is not None and not isinstance(dst_pages, (torch.Tensor, PagePool)):
         raise TypeError(f"dst_pages must be an int tensor of page ids or a kvfuse.PagePool, got "
                         f"{type(dst_pages).__name__}")
+    pool = dst_pages if isinstance(dst_pages, PagePool) and lay.n_new else None
+    if pool is not None and pool.num_pages > k_cache.shape[-4]:
+        raise ValueError(f"dst_pages: the PagePool has {pool.num_pages} pages, the pools only {k_cache.shape[-4]}")
     if pool is not None:
         dst = pool.alloc(lay.n_new).cpu()
     elif dst_pages is None or isinstance(dst_pages, PagePool) or not lay.n_new:
@@ -271,45 +304,40 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         if pool is not None:
             pool.free(dst)
         raise
-    dst = dst[: lay.n_new]
+    return table, dst[: lay.n_new]
 
-    # everything is validated: now write. Copies read sources before any in-place rotation.
-    length = sum(s.length for s in segments)
-    if lay.copies:
-        src, dsts, moves = [], [], []
-        for i, off in lay.copies:
-            s = segments[i]
-            src.append(slots_of(s.pages, s.start, s.length, page_size))
-            dsts.append(slots_of(table, off, s.length, page_size))
-            moves.append((s.length, new_pos[i] - s.position))
-        slots = to_device_async(torch.stack([torch.cat(src), torch.cat(dsts)]), device)
-        for cfg, kv, vv, copy_b, _ in work:
-            c = cfg or identity
-            idx, cos, sin = _rotation_meta(c, moves if cfg is not None else [(n, 0) for n, _ in moves])
-            idx, cos, sin = _to_device(idx, cos, sin, device)
-            _ops.compose_copy_op(kv, vv, slots[0], slots[1], idx, cos, sin, c.rotary_dim, c.interleaved, copy_b)
-    if lay.rotations:
-        slots, moves = [], []
-        for i in lay.rotations:
-            s = segments[i]
-            slots.append(slots_of(s.pages, s.start, s.length, page_size))
-            moves.append((s.length, new_pos[i] - s.position))
-        slots = to_device_async(torch.cat(slots), device)
-        for cfg, kv, _, _, rot_b in work:
-            if cfg is None:
-                continue
-            idx, cos, sin = _to_device(*_rotation_meta(cfg, moves), device)
-            _ops.rerotate_op(kv, slots, idx, cos, sin, cfg.rotary_dim, cfg.interleaved, rot_b)
 
-    ranges, off = [], 0
-    for s in segments:
-        ranges.append((off, off + s.length))
-        off += s.length
-    reused = [p for k, p in lay.table if k == "reuse"]
-    reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
-    out = to_device_async(torch.cat([table, dst.to(torch.int32), reused_t]), device)
-    table_d, dst_d, reused_d = out.split([table.numel(), dst.numel(), reused_t.numel()])
-    return Composed(table_d, length, ranges, new_pos, dst_d, reused_d)
+def _slots_and_moves(segments, new_pos, items, page_size: int, table: torch.Tensor | None):
+    """For ``items`` = [(segment index, composed offset)]: the int64 source slots of their tokens,
+    their destination slots in ``table`` (None when rotating in place) and [(tokens, delta)]."""
+    src, dst, moves = [], [], []
+    for i, off in items:
+        s = segments[i]
+        src.append(slots_of(s.pages, s.start, s.length, page_size))
+        if table is not None:
+            dst.append(slots_of(table, off, s.length, page_size))
+        moves.append((s.length, new_pos[i] - s.position))
+    return torch.cat(src), (torch.cat(dst) if table is not None else None), moves
+
+
+def _write(work, segments, lay: _Layout, table, new_pos, page_size: int, device) -> None:
+    """The copies (gather, rotate K, copy V into the destination pages), then the in-place rotations
+    of given-up segments, per run of layers."""
+    for copy, items in ((True, lay.copies), (False, [(i, None) for i in lay.rotations])):
+        if not items:
+            continue
+        src, dst, moves = _slots_and_moves(segments, new_pos, items, page_size, table if copy else None)
+        slots = to_device_async(torch.stack([src, dst]) if copy else src[None], device)
+        for cfg, kv, vv, copy_b, rot_b in work:
+            if cfg is None and not copy:
+                continue  # a NoPE run: nothing to rotate
+            c = cfg or _identity(kv.shape[-1])
+            idx, cos, sin = _to_device(*_rotation_meta(c, moves if cfg is not None else [(n, 0) for n, _ in moves]),
+                                       device)
+            if copy:
+                _ops.compose_copy_op(kv, vv, slots[0], slots[1], idx, cos, sin, c.rotary_dim, c.interleaved, copy_b)
+            else:
+                _ops.rerotate_op(kv, slots[0], idx, cos, sin, c.rotary_dim, c.interleaved, rot_b)
 
 
 def _to_device(idx, cos, sin, device):

@@ -1,10 +1,12 @@
 """Backend dispatch by priority, with reasons.
 
-Every operation has implementations in up to three backends, tried in the order of `PRIORITY`.
-Each implementation answers ``not_supported_reasons(**inputs) -> list[str]``. ``backend="auto"``
-(the default, or the ``KVFUSE_BACKEND`` environment variable) takes the first backend with no
-reasons; the torch reference supports every valid input, so "auto" always runs. An explicitly
-requested backend that cannot run raises `BackendNotSupported` listing every reason.
+Every operation has implementations in up to three backends. ``backend="auto"`` (the default, or
+the ``KVFUSE_BACKEND`` environment variable) tries them in the op's order in `ORDER` -- the fastest
+first, as measured on an H200 in one `kvfuse-bench all` run (bench/RESULTS.md) -- and takes the
+first whose ``not_supported_reasons(**inputs) -> list[str]`` is empty; the torch reference supports
+every valid input, so "auto" always runs. An explicitly requested backend that cannot run raises
+`BackendNotSupported` listing every reason. On CPU tensors "auto" means torch (the kernels run on
+CPU only under the Triton interpreter, for tests).
 """
 
 from __future__ import annotations
@@ -15,8 +17,17 @@ import os
 import threading
 from collections.abc import Callable
 
-PRIORITY = ("cuda", "triton", "torch")
+PRIORITY = ("cuda", "triton", "torch")  # every backend (the order of an op not in ORDER)
 _BACKEND_MODULES = {b: f"kvfuse.backends.{b}" for b in PRIORITY}
+# "auto" per op, fastest first (H200, bf16, bench/RESULTS.md, same run): re-rotation Triton 4.03 TB/s
+# vs CUDA 3.79; compose Triton 3.95 vs CUDA 3.82; decode attention Triton 4.35 vs CUDA 4.17 (prefill
+# runs on Triton only). merge_states is not measured: CUDA first.
+ORDER = {
+    "rerotate_": ("triton", "cuda", "torch"),
+    "compose_copy_": ("triton", "cuda", "torch"),
+    "segment_attention": ("triton", "cuda", "torch"),
+    "merge_states": ("cuda", "triton", "torch"),
+}
 
 
 class BackendNotSupported(RuntimeError):
@@ -92,7 +103,7 @@ def reasons_for(op: str, backend: str, **inputs) -> list[str]:
 def choose(op: str, backend: str | None, **inputs) -> str:
     """Name of the backend that will run ``op`` on ``inputs``."""
     backend = resolve(backend)
-    candidates = PRIORITY if backend == "auto" else (backend,)
+    candidates = ORDER.get(op, PRIORITY) if backend == "auto" else (backend,)
     if backend == "auto" and _on_cpu(inputs):
         candidates = ("torch",)  # kernels run on CPU tensors only under the Triton interpreter, for tests
     why = {}

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 MAX_POSITION = 2**31 - 1  # positions are int32-representable everywhere (kernels, HF position_ids)
 
 
@@ -50,6 +51,10 @@ class RopeConfig:
         inv_freq_values: the frequencies themselves, overriding the formula (``from_hf_model`` reads
             them off a loaded model, whose buffer may have been rounded, e.g. by ``model.to(bf16)``).
 
+    Every field is type-checked: a wrongly typed value (``theta="1e4"``, ``head_dim=64.0``,
+    ``interleaved=1``) raises ``TypeError`` naming the field; a value out of range raises ``ValueError``.
+    Numbers are stored as Python ``int`` / ``float`` (numpy scalars are accepted).
+
     Example:
         >>> cfg = RopeConfig(head_dim=128, theta=500000.0)
         >>> cfg.inv_freq().shape
@@ -75,33 +80,54 @@ class RopeConfig:
     inv_freq_values: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        _set_int(self, "head_dim")
         if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.head_dim)
-        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
-            raise ValueError(f"RopeConfig.head_dim must be a positive int, got {self.head_dim!r}")
+        _set_int(self, "rotary_dim")
         rd = self.rotary_dim
-        if not isinstance(rd, int) or rd <= 0 or rd % 2 or rd > self.head_dim:
+        if rd % 2 or rd > self.head_dim:
             raise ValueError(
                 f"RopeConfig.rotary_dim must be an even int in [2, head_dim={self.head_dim}], got {rd!r}"
             )
+        for name in ("theta", "factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            _set_float(self, name)
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(self, name) is not None:
+                _set_float(self, name)
+        for name in ("interleaved", "truncate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"RopeConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.rope_type, str) or self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"RopeConfig.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         if not self.theta > 0:
             raise ValueError(f"RopeConfig.theta must be > 0, got {self.theta!r}")
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"RopeConfig.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         if self.rope_type != "default" and not self.factor > 0:
-            raise ValueError(f"RopeConfig.factor must be > 0 for rope_type={self.rope_type!r}")
-        if self.rope_type in ("llama3", "yarn") and self.original_max_position_embeddings is None:
+            raise ValueError(f"RopeConfig.factor must be > 0 for rope_type={self.rope_type!r}, got {self.factor!r}")
+        omax = self.original_max_position_embeddings
+        if omax is not None:
+            _set_int(self, "original_max_position_embeddings")
+        elif self.rope_type in ("llama3", "yarn"):
             raise ValueError(
                 f"RopeConfig.original_max_position_embeddings is required for rope_type={self.rope_type!r}"
             )
+        if self.rope_type == "llama3" and self.high_freq_factor == self.low_freq_factor:
+            raise ValueError(f"RopeConfig.high_freq_factor must differ from low_freq_factor for rope_type='llama3' "
+                             f"(both {self.low_freq_factor})")
+        if not isinstance(self.inv_freq_dtype, str) or self.inv_freq_dtype not in ("float32", "float64"):
+            raise ValueError(f"RopeConfig.inv_freq_dtype must be 'float32' or 'float64', got {self.inv_freq_dtype!r}")
         if self.inv_freq_values is not None:
-            vals = tuple(float(x) for x in self.inv_freq_values)
+            vals = self.inv_freq_values
+            if isinstance(vals, torch.Tensor):
+                vals = vals.detach().double().cpu().reshape(-1).tolist()
+            if isinstance(vals, (str, bytes)) or not hasattr(vals, "__len__"):
+                raise TypeError(f"RopeConfig.inv_freq_values must be a sequence of floats or None, got {vals!r}")
+            if any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) for x in vals):
+                raise TypeError("RopeConfig.inv_freq_values must hold finite real numbers")
+            vals = tuple(float(x) for x in vals)
             if len(vals) != rd // 2:
                 raise ValueError(f"RopeConfig.inv_freq_values must hold rotary_dim // 2 = {rd // 2} values, "
                                  f"got {len(vals)}")
             object.__setattr__(self, "inv_freq_values", vals)
-        if self.inv_freq_dtype not in ("float32", "float64"):
-            raise ValueError(f"RopeConfig.inv_freq_dtype must be 'float32' or 'float64', got {self.inv_freq_dtype!r}")
 
     # ------------------------------------------------------------------ frequencies
     def inv_freq(self) -> torch.Tensor:
@@ -140,94 +166,33 @@ class RopeConfig:
 
     # ------------------------------------------------------------------ Hugging Face
     @classmethod
+    def from_hf(cls, config: Any, **overrides) -> RopeConfig:
+        """The one rotation of a Hugging Face model whose layers all rotate alike, from its config
+        (``overrides`` replace fields of the result).
+
+        Parsing lives in `kvfuse.integrations.hf_config` (see `kvfuse.ModelRope.from_hf`, which also
+        covers per-layer rotation). Raises ``UnsupportedModel`` (a ``ValueError``) naming the model when
+        its layers rotate differently (Gemma 3, NoPE layers: use ``kvfuse.ModelRope.from_hf``), when its
+        tokens cannot be moved (no rotary embedding, dynamic / longrope scaling), or when kvfuse cannot
+        describe its rotation at all.
+        """
+        from kvfuse.integrations.hf_config import uniform_rope
+
+        return dataclasses.replace(uniform_rope(ModelRope.from_hf(config)), **overrides)
+
+    @classmethod
     def from_hf_model(cls, model: Any, **overrides) -> RopeConfig:
         """Like `from_hf` on ``model.config``, but with the inverse frequencies the loaded model
-        really rotates with (its ``rotary_emb.inv_freq`` buffer).
+        really rotates with (its rotary buffer).
 
         They differ from the config's when the buffer was rounded: ``model.to(torch.bfloat16)``
         casts it to bf16 (HF models loaded with ``dtype=`` keep it in float32), and the model's keys
         are then rotated with those rounded frequencies -- re-rotating them with exact ones would not
         match what the model computes at the new positions.
         """
-        cfg = cls.from_hf(model.config, **overrides)
-        buf = next((b for name, b in model.named_buffers() if name.endswith("rotary_emb.inv_freq")), None)
-        if buf is None or buf.numel() != cfg.rotary_dim // 2:
-            return cfg
-        return dataclasses.replace(cfg, inv_freq_values=tuple(buf.detach().double().cpu().tolist()))
+        from kvfuse.integrations.hf_config import uniform_rope
 
-    @classmethod
-    def from_hf(cls, config: Any, **overrides) -> RopeConfig:
-        """Build from a Hugging Face ``PretrainedConfig`` (Llama incl. llama3 scaling, Mistral,
-        Qwen2, GPT-NeoX with partial rotary, GPT-J interleaved; linear and YaRN scaling).
-
-        Works with both the ``rope_parameters`` dict of transformers 5 and the older
-        ``rope_theta`` / ``rope_scaling`` attributes. Unsupported scaling (dynamic NTK, longrope)
-        raises ``ValueError``.
-        """
-        model_type = getattr(config, "model_type", "")
-        n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-        head_dim = getattr(config, "head_dim", None) or (hidden // n_heads)
-        params: dict = {}
-        rp = getattr(config, "rope_parameters", None)
-        if isinstance(rp, dict):
-            params.update(rp)
-        rs = getattr(config, "rope_scaling", None)
-        if isinstance(rs, dict):
-            for k, v in rs.items():
-                params.setdefault(k, v)
-        theta = params.get("rope_theta") or getattr(config, "rope_theta", None)
-        theta = theta or getattr(config, "rotary_emb_base", None) or 10000.0
-        rope_type = params.get("rope_type") or params.get("type") or "default"
-
-        interleaved = model_type in ("gptj", "codegen")
-        rotary_dim = head_dim
-        if model_type in ("gptj", "codegen"):
-            rotary_dim = getattr(config, "rotary_dim", None) or head_dim
-        elif model_type in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe"):
-            rotary_dim = head_dim  # these models ignore partial_rotary_factor
-        else:
-            pct = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
-            pct = pct or getattr(config, "rotary_pct", None) or 1.0
-            rotary_dim = int(head_dim * pct)
-
-        kw: dict = dict(head_dim=head_dim, rotary_dim=rotary_dim, theta=float(theta), interleaved=interleaved)
-        if rope_type == "default":
-            pass
-        elif rope_type in ("linear", "llama3", "yarn"):
-            kw["rope_type"] = rope_type
-            omax = params.get("original_max_position_embeddings") or getattr(
-                config, "original_max_position_embeddings", None
-            )
-            omax = omax or getattr(config, "max_position_embeddings", None)
-            factor = params.get("factor")
-            if factor is None and rope_type == "yarn":
-                factor = config.max_position_embeddings / omax
-            kw["factor"] = float(factor)
-            if rope_type == "llama3":
-                kw.update(
-                    low_freq_factor=float(params["low_freq_factor"]),
-                    high_freq_factor=float(params["high_freq_factor"]),
-                    original_max_position_embeddings=int(omax),
-                )
-            if rope_type == "yarn":
-                kw.update(
-                    original_max_position_embeddings=int(omax),
-                    beta_fast=float(params.get("beta_fast") or 32),
-                    beta_slow=float(params.get("beta_slow") or 1),
-                    truncate=bool(params.get("truncate", True)),
-                    attention_factor=params.get("attention_factor"),
-                    mscale=params.get("mscale"),
-                    mscale_all_dim=params.get("mscale_all_dim"),
-                )
-        else:
-            raise ValueError(
-                f"RopeConfig.from_hf: rope_type {rope_type!r} of model_type {model_type!r} is not supported "
-                f"(supported: {ROPE_TYPES})"
-            )
-        kw.update(overrides)
-        return cls(**kw)
-
+        return dataclasses.replace(uniform_rope(ModelRope.from_hf_model(model)), **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +205,10 @@ class ModelRope:
     (Gemma 3: theta 1e4 on sliding layers, 1e6 with linear scaling on full-attention layers).
 
     ``unmovable``, when set, says why tokens of this model cannot be moved at all (no rotary
-    embedding: GPT-2's learned absolute positions, ALiBi): every op that would move a token raises it
-    as a ``ValueError``; layouts that keep positions ("shared") still work.
+    embedding: GPT-2's learned absolute positions, ALiBi; or scaling whose frequencies depend on the
+    current sequence length: dynamic NTK, longrope): every op that would move a token raises it as a
+    ``ValueError``; layouts that keep positions ("shared") still work. `ModelRope.from_hf` then gives
+    every layer None (there is no one rotation to describe).
 
     Ops that take a ``rope`` on a layer-stacked pool (``[num_layers, ...]``) accept a `ModelRope`
     with one entry per pool layer, or a single `RopeConfig` that then applies to every layer.
@@ -283,7 +250,8 @@ class ModelRope:
     @classmethod
     def from_hf(cls, config: Any) -> ModelRope:
         """The rotation of every layer of a Hugging Face model, from its config (see
-        `kvfuse.integrations.hf_config.model_rope`)."""
+        `kvfuse.integrations.hf_config.model_rope`: per-layer-type theta and scaling, NoPE layers,
+        unmovable models; ``UnsupportedModel`` for models kvfuse cannot describe, e.g. MLA)."""
         from kvfuse.integrations.hf_config import model_rope
 
         return model_rope(config)
@@ -366,35 +334,79 @@ def _compute_inv_freq(cfg: RopeConfig) -> torch.Tensor:
     if cfg.inv_freq_values is not None:
         return torch.tensor(cfg.inv_freq_values, dtype=torch.float64)
     dt = torch.float32 if cfg.inv_freq_dtype == "float32" else torch.float64
+    exps = torch.arange(0, cfg.rotary_dim, 2, dtype=torch.int64).to(dt) / cfg.rotary_dim
+    return _SCALINGS[cfg.rope_type](cfg, exps).to(torch.float64)
+
+
+# ---------------------------------------------------------------------- RoPE variants as a table
+# One function per scaling type: (config, exponents 2i/rotary_dim in the working dtype) -> inverse frequencies.
+# A new type is one function here plus its entry in _SCALINGS; its parameters are RopeConfig fields, which
+# kvfuse.integrations.hf_config reads from a Hugging Face config by the same names.
+
+
+def _default(cfg: RopeConfig, exps: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (cfg.theta**exps)
+
+
+def _linear(cfg: RopeConfig, exps: torch.Tensor) -> torch.Tensor:
+    return _default(cfg, exps) / cfg.factor
+
+
+def _llama3(cfg: RopeConfig, exps: torch.Tensor) -> torch.Tensor:
+    inv = _default(cfg, exps)
+    omax = cfg.original_max_position_embeddings
+    low_wl, high_wl = omax / cfg.low_freq_factor, omax / cfg.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wl, inv / cfg.factor, inv)
+    smooth = (omax / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn(cfg: RopeConfig, exps: torch.Tensor) -> torch.Tensor:
     dim = cfg.rotary_dim
-    exps = torch.arange(0, dim, 2, dtype=torch.int64).to(dt) / dim
-    inv = 1.0 / (cfg.theta**exps)
-    if cfg.rope_type == "linear":
-        inv = inv / cfg.factor
-    elif cfg.rope_type == "llama3":
-        omax = cfg.original_max_position_embeddings
-        low_wl, high_wl = omax / cfg.low_freq_factor, omax / cfg.high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wl, inv / cfg.factor, inv)
-        smooth = (omax / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / cfg.factor + smooth * scaled
-        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
-        inv = torch.where(medium, smoothed, scaled)
-    elif cfg.rope_type == "yarn":
 
-        def corr_dim(rot):
-            return (dim * math.log(cfg.original_max_position_embeddings / (rot * 2 * math.pi))) / (
-                2 * math.log(cfg.theta)
-            )
+    def corr_dim(rot):
+        return (dim * math.log(cfg.original_max_position_embeddings / (rot * 2 * math.pi))) / (2 * math.log(cfg.theta))
 
-        low, high = corr_dim(cfg.beta_fast), corr_dim(cfg.beta_slow)
-        if cfg.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32).to(dt) - low) / (high - low), 0, 1)
-        extrap = 1 - ramp
-        pos_freqs = cfg.theta**exps
-        inv = (1.0 / (cfg.factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
-    return inv.to(torch.float64)
+    low, high = corr_dim(cfg.beta_fast), corr_dim(cfg.beta_slow)
+    if cfg.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32).to(exps.dtype) - low) / (high - low), 0, 1)
+    extrap = 1 - ramp
+    pos_freqs = cfg.theta**exps
+    return (1.0 / (cfg.factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
+
+
+_SCALINGS: dict[str, Callable[[RopeConfig, torch.Tensor], torch.Tensor]] = {
+    "default": _default,
+    "linear": _linear,
+    "llama3": _llama3,
+    "yarn": _yarn,
+}
+ROPE_TYPES = tuple(_SCALINGS)
+
+
+def _set_int(cfg: RopeConfig, name: str) -> None:
+    """Check that field ``name`` is a positive int and store it as a Python int."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"RopeConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"RopeConfig.{name} must be a positive int, got {value!r}")
+    object.__setattr__(cfg, name, int(value))
+
+
+def _set_float(cfg: RopeConfig, name: str) -> None:
+    """Check that field ``name`` is a finite real number and store it as a float."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"RopeConfig.{name} must be a real number (int or float), got {type(value).__name__} "
+                        f"{value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"RopeConfig.{name} must be finite, got {value!r}")
+    object.__setattr__(cfg, name, float(value))

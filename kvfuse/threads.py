@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import functools
 import itertools
 import numbers
 from collections.abc import Sequence as _Seq
@@ -137,7 +138,12 @@ class PagedKVStore:
     @classmethod
     def from_hf(cls, config, num_pages: int, page_size: int = 16, *, dtype: torch.dtype | None = None,
                 device="cpu") -> PagedKVStore:
-        """A store shaped for a Hugging Face ``PretrainedConfig`` (layers, KV heads, head_dim, RoPE)."""
+        """A store shaped for a Hugging Face ``PretrainedConfig``: layers, KV heads and head_dim of what the
+        model caches (`kvfuse.integrations.hf_config.cache_shape`) and its per-layer rotation
+        (`kvfuse.ModelRope.from_hf`; a model whose tokens cannot be moved gets a store that refuses moves).
+
+        Raises ``UnsupportedModel`` naming the model and the feature for caches kvfuse cannot hold (MLA,
+        linear-attention / state-space hybrids, cross-layer KV sharing, encoder-decoders)."""
         from kvfuse.integrations.hf_config import cache_shape, model_rope
 
         num_layers, hkv, head_dim = cache_shape(config)
@@ -242,8 +248,17 @@ class PagedKVStore:
 
 def _segment(s: SegmentInfo, parents: tuple[str, ...] | None = None, length: int | None = None) -> Segment:
     """The `Segment` of a stored segment (pads get no position: nobody sees them)."""
+    if parents is None and length is None:
+        return _as_segment(s)
     return Segment(s.name, s.length if length is None else length, s.parents if parents is None else parents,
                    None if s.pad else s.position)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _as_segment(s: SegmentInfo) -> Segment:
+    """`_segment` of an unchanged stored segment, cached: a decode step converts every segment of
+    every row, and a long-lived sequence's history does not change."""
+    return Segment(s.name, s.length, s.parents, None if s.pad else s.position)
 
 
 class Sequence:
@@ -509,6 +524,11 @@ def _check_rows(what: str, rows, noun: str = "threads") -> list[Sequence]:
     return rows
 
 
+def _last_real(segs: _Seq[SegmentInfo]) -> list[str]:
+    """The name of the last segment that is not a pad, as a list (empty if there is none)."""
+    return next(([s.name] for s in reversed(segs) if not s.pad), [])
+
+
 def _span(segs: _Seq[SegmentInfo]) -> tuple[int, int]:
     real = [s for s in segs if not s.pad and s.length]
     if not real:
@@ -570,7 +590,10 @@ def merge(threads: _Seq[Sequence], layout: str = "sequential", *, keep_threads: 
                                      n_pre, 0, first_pos, give_up=False))
         new_pos.append(first_pos)
     cursor = None
-    join_parents = [s.name for s in prefix_segs if not s.pad]
+    # the join sees everything: the last real segment of the prefix and of each thread already sees all
+    # that came before it (as the next token appended to a sequence does), so they are its parents --
+    # a parent list that stays short however many fork / merge rounds a sequence went through
+    join_parents = _last_real(prefix_segs)
     for i, t in enumerate(threads):
         rest = t.segments[k:]
         n = sum(s.length for s in rest)
@@ -579,7 +602,7 @@ def merge(threads: _Seq[Sequence], layout: str = "sequential", *, keep_threads: 
         target = lo if layout == "shared" else cursor
         cursor = target + span
         delta = target - lo
-        join_parents += [s.name for s in rest if not s.pad]
+        join_parents += _last_real(rest)
         out_segs += [s if s.pad else dataclasses.replace(s, position=s.position + delta) for s in rest]
         stored = n if i == len(threads) - 1 else -(-n // ps) * ps
         if stored > n:

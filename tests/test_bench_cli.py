@@ -23,6 +23,8 @@ TINY = {
             "--threads", "2", "--page-size", "4"],
     "threads": ["--layers", "1", "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--prefix", "18",
                 "--steps", "2", "--threads", "1,3", "--page-size", "4"],
+    "repair": ["--layers", "2", "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--context", "64",
+               "--threads", "3", "--page-size", "4", "--steps", "1"],
     "ceilings": [],
 }
 
@@ -35,7 +37,7 @@ def _run(tmp_path, *argv):
 
 @pytest.mark.parametrize("scenario", list(TINY))
 def test_every_subcommand_runs(tmp_path, capsys, scenario):
-    if scenario in ("e2e", "threads"):
+    if scenario in ("e2e", "threads", "repair"):
         pytest.importorskip("transformers")
     rc, data = _run(tmp_path, scenario, "--check", *TINY[scenario])
     assert rc == 0

@@ -64,3 +64,20 @@ def test_rerotate_under_torch_compile():
         return kc
 
     assert torch.equal(f(k), want)
+
+
+def test_auto_follows_the_measured_order_per_op(monkeypatch):
+    """'auto' tries each op's backends in dispatch.ORDER: the first that can run wins."""
+    calls = []
+
+    def fake(op, backend, **inputs):
+        calls.append(backend)
+        return [] if backend == "cuda" else ["no"]
+
+    monkeypatch.setattr(dispatch, "reasons_for", fake)
+    monkeypatch.setattr(dispatch, "_on_cpu", lambda inputs: False)
+    for op, order in dispatch.ORDER.items():
+        calls.clear()
+        assert dispatch.choose(op, "auto") == "cuda"
+        assert calls == list(order[: order.index("cuda") + 1])
+    assert set(dispatch.ORDER) == set(dispatch.PUBLIC_OPS.values())

@@ -359,3 +359,26 @@ def test_smollm2_reading_case(smollm2):
     for name in ("shared", "sequential"):
         assert res[name]["kl_max"] < 1e-5 and res[name]["rank"] == res["text"]["rank"]
     assert res["prefix-only"]["kl_max"] > 0.1
+
+
+def test_repairing_every_token_is_the_text_merge(model):
+    task = tasks.make_task("branches", model, None, 3, 0, thread_len=6, cont=4)
+    res = fidelity.evaluate(model, task, [fidelity.ROWS[n] for n in ("text", "sequential", "sequential+all",
+                                                                      "sequential+first8",
+                                                                      "sequential+deviation15%")])
+    assert res["sequential+all"]["kl_max"] < 1e-6 and res["sequential+all"]["top1"] == 1.0
+    assert res["sequential"]["kl_mean"] > 1e-4
+    # a partial repair costs more than the bare merge; the first-k one less than the text (the deviation
+    # probe runs two layers over every token: on this 2-layer model that alone is a whole forward)
+    assert res["sequential"]["flops"] < res["sequential+first8"]["flops"] < res["text"]["flops"]
+    assert res["sequential+first8"]["flops"] < res["sequential+deviation15%"]["flops"]
+
+
+def test_temperature_row_changes_the_join_only_through_the_threads(model):
+    task = tasks.make_task("branches", model, None, 2, 0, thread_len=6, cont=4)
+    res = fidelity.evaluate(model, task, [fidelity.ROWS[n] for n in ("shared", "shared+temp0.8")])
+    assert res["shared+temp0.8"]["kl_mean"] != res["shared"]["kl_mean"]
+    one = tasks.make_task("branches", model, None, 1, 0, thread_len=6, cont=4)
+    one = dataclasses.replace(one, threads=[one.threads[0][:0]])  # no thread tokens: nothing to scale
+    res = fidelity.evaluate(model, one, [fidelity.ROWS[n] for n in ("shared", "shared+temp0.8")])
+    assert res["shared+temp0.8"]["kl_max"] == res["shared"]["kl_max"]

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvfuse import RopeConfig
+from kvfuse import ModelRope, RopeConfig
+from kvfuse.integrations.hf_config import UnsupportedModel
 from kvfuse.reference import apply_rope, rotate
 
 transformers = pytest.importorskip("transformers")
@@ -93,7 +94,32 @@ def test_from_hf_gptj_interleaved():
 
 def test_from_hf_rejects_unsupported_scaling():
     hf_cfg = _llama_like("LlamaConfig", rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0))
-    with pytest.raises(ValueError, match="rope_type"):
+    with pytest.raises(ValueError, match="llama uses RoPE rope_type='dynamic'.*cannot be moved"):
+        RopeConfig.from_hf(hf_cfg)
+
+
+def test_from_hf_delegates_to_hf_config():
+    """RopeConfig.from_hf is the uniform case of ModelRope.from_hf; overrides replace fields."""
+    hf_cfg = HF_CONFIGS["llama3"]()
+    rope = ModelRope.from_hf(hf_cfg)
+    assert rope.num_layers == 1 and RopeConfig.from_hf(hf_cfg) == rope.single
+    assert RopeConfig.from_hf(hf_cfg, inv_freq_dtype="float64").inv_freq_dtype == "float64"
+    with pytest.raises(TypeError):
+        RopeConfig.from_hf(hf_cfg, no_such_field=1)
+
+
+def test_from_hf_refuses_models_whose_layers_differ():
+    hf_cfg = transformers.SmolLM3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=64, num_hidden_layers=4, vocab_size=32, pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=2)
+    with pytest.raises(UnsupportedModel, match=r"smollm3 does not rotate every layer alike \(NoPE.*ModelRope\.from_hf"):
+        RopeConfig.from_hf(hf_cfg)
+    assert ModelRope.from_hf(hf_cfg).layers[3] is None
+
+
+def test_from_hf_refuses_models_without_rotary_embedding():
+    hf_cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=32)
+    with pytest.raises(UnsupportedModel, match="gpt2 has no rotary embedding"):
         RopeConfig.from_hf(hf_cfg)
 
 
@@ -107,6 +133,41 @@ def test_from_hf_rejects_unsupported_scaling():
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         RopeConfig(**kw)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("head_dim", 64.0, "an int"), ("head_dim", "64", "an int"), ("head_dim", True, "an int"),
+    ("rotary_dim", 32.0, "an int"), ("theta", "1e4", "a real number"), ("theta", None, "a real number"),
+    ("theta", True, "a real number"), ("interleaved", 1, "a bool"), ("interleaved", "yes", "a bool"),
+    ("factor", "8", "a real number"), ("low_freq_factor", None, "a real number"),
+    ("high_freq_factor", [4.0], "a real number"), ("original_max_position_embeddings", 64.0, "an int"),
+    ("beta_fast", "32", "a real number"), ("beta_slow", None, "a real number"), ("truncate", 0, "a bool"),
+    ("attention_factor", "1.2", "a real number"), ("mscale", "1", "a real number"),
+    ("mscale_all_dim", [1], "a real number"), ("inv_freq_values", "abc", "a sequence of floats"),
+    ("inv_freq_values", 1.0, "a sequence of floats"), ("inv_freq_values", ("a",) * 32, "finite real numbers"),
+])
+def test_wrongly_typed_fields_raise_type_error_naming_the_field(field, value, expected):
+    with pytest.raises(TypeError, match=rf"RopeConfig\.{field} must .*{expected}"):
+        RopeConfig(**{"head_dim": 64, field: value})
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(rope_type=3), "rope_type must be one of"), (dict(inv_freq_dtype=32), "inv_freq_dtype"),
+    (dict(head_dim=0), "head_dim must be a positive int"), (dict(theta=float("inf")), "theta must be finite"),
+    (dict(rope_type="llama3", factor=8.0, original_max_position_embeddings=64, low_freq_factor=2.0,
+          high_freq_factor=2.0), "high_freq_factor must differ"),
+])
+def test_wrong_values_raise_value_error_naming_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RopeConfig(**{"head_dim": 64, **kw})
+
+
+def test_numbers_are_normalised():
+    """ints and numpy scalars are accepted and stored as Python numbers: equal configs compare equal."""
+    np = pytest.importorskip("numpy")
+    a = RopeConfig(head_dim=np.int64(64), theta=10000, factor=np.float32(2.0), rope_type="linear")
+    b = RopeConfig(head_dim=64, theta=10000.0, factor=2.0, rope_type="linear")
+    assert a == b and hash(a) == hash(b) and type(a.head_dim) is int and type(a.theta) is float
 
 
 CFGS = [

@@ -363,3 +363,28 @@ def test_fork_decode_merge_continue(arch, layout, monkeypatch):
     assert torch.equal(want[:-1].argmax(-1), fed_c[0, 1:])  # same greedy tokens
     merged.release()
     assert store.num_free == store.num_pages
+
+
+def test_join_parents_stay_short_and_see_everything():
+    """After many fork / merge rounds (and a memory-style insert) the join lists only the last segment
+    of the prefix and of each thread, and still sees every real token before it."""
+    from kvfuse import memory
+
+    store = kvfuse.PagedKVStore(1, 512, 4, 1, 8, rope=kvfuse.RopeConfig(head_dim=8))
+    seq = store.sequence()
+    seq.append_kv(torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8))
+    block = memory.MemoryBlock(torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8), torch.arange(3), store.rope,
+                               "m", {})
+    for r in range(6):
+        if r == 3:
+            memory.insert(store, block, into=seq)
+        threads = kvfuse.fork(seq, 3)
+        for i, t in enumerate(threads):
+            t.append_kv(torch.randn(1, 2 + i, 1, 8), torch.randn(1, 2 + i, 1, 8))
+        seq.release()
+        seq = kvfuse.merge(threads, layout="shared" if r % 2 else "sequential")
+        assert len(seq.segments[-1].parents) <= 4
+        seq.append_kv(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+    g = seq.token_graph()
+    j0, j1 = g.token_range(seq.segments[-1].name)
+    assert bool(g.dense_mask()[j0:j1, :j0].all())

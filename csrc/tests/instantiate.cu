@@ -8,8 +8,8 @@
 namespace kvfuse {
 #define KVFUSE_POOL_TYPES(X) X(float) X(__half) X(__nv_bfloat16)
 #define KVFUSE_INST_POOL(T)                                                       \
-  template cudaError_t rerotate<T>(const RerotateArgs&, cudaStream_t);            \
-  template cudaError_t compose_copy<T>(const ComposeArgs&, cudaStream_t);         \
+  template cudaError_t rerotate<T>(SlotRotateParams, bool, cudaStream_t);          \
+  template cudaError_t compose_copy<T>(const SlotRotateParams&, bool, cudaStream_t); \
   template cudaError_t merge_states<T>(const MergeStatesArgs&, cudaStream_t);
 KVFUSE_POOL_TYPES(KVFUSE_INST_POOL)
 template cudaError_t decode_attention<__half>(const DecodeArgs&, int, cudaStream_t);

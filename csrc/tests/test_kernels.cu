@@ -68,11 +68,9 @@ void rotate_row(const float* x, float* y, const float* c, const float* s, int D,
 
 // Rerotate (in place) or compose (src -> dst) of a shuffled third of the slots; every byte outside the
 // rotated keys must be bit-identical (compose: the copied key dims and the values exact too).
-// variant: launch variant of the slot engine (kvfuse::kSlotVariants, rotary.cuh).
-// Returns the key and value caches after the call.
 template <typename T>
-std::vector<T> test_slot_variant(bool compose, bool inter, int L, int P, int ps, int H, int D, int rd, const char* name,
-                       bool slots64, int variant) {
+void test_slot_kernels(bool compose, bool inter, int L, int P, int ps, int H, int D, int rd, const char* name,
+                       bool slots64 = true) {
   const long long slots = static_cast<long long>(P) * ps;
   const std::size_t size = static_cast<std::size_t>(L) * slots * H * D;
   std::vector<T> k(size), v(size);
@@ -102,13 +100,22 @@ std::vector<T> test_slot_variant(bool compose, bool inter, int L, int P, int ps,
   const void* dp = slots64 ? static_cast<const void*>(ddst.p) : static_cast<const void*>(ddst32.p);
   Dev<int32_t> dti(ti);
   Dev<float> dc(cs), ds(sn);
-  if (compose) {
-    kvfuse::ComposeArgs a{dk.p, dv.p, sp, dp, slots64, dti.p, dc.p, ds.p, n, L, slots, H, D, rd, inter};
-    CK(kvfuse::compose_copy<T>(a, nullptr, variant));
-  } else {
-    kvfuse::RerotateArgs a{dk.p, sp, slots64, dti.p, dc.p, ds.p, n, L, slots, H, D, rd, inter};
-    CK(kvfuse::rerotate<T>(a, nullptr, variant));
-  }
+  kvfuse::SlotRotateParams p{};
+  p.k = dk.p;
+  p.v = compose ? dv.p : nullptr;
+  p.src_slots = sp;
+  p.dst_slots = compose ? dp : sp;
+  p.slots64 = slots64;
+  p.table_idx = dti.p;
+  p.cos = dc.p;
+  p.sin = ds.p;
+  p.n = n;
+  p.layer_stride = slots * H * D;
+  p.num_layers = L;
+  p.num_heads = H;
+  p.head_dim = D;
+  p.rotary_dim = rd;
+  CK(compose ? kvfuse::compose_copy<T>(p, inter, nullptr) : kvfuse::rerotate<T>(p, inter, nullptr));
   CK(cudaDeviceSynchronize());
   std::vector<T> gk = dk.get(), gv = dv.get();
   std::vector<T> wk = k, wv = v;
@@ -138,30 +145,6 @@ std::vector<T> test_slot_variant(bool compose, bool inter, int L, int P, int ps,
     if (std::memcmp(&gv[i], &wv[i], sizeof(T)) != 0) exact_rest = false;
   }
   expect(err <= tol * 4 && exact_rest, name, err);
-  gk.insert(gk.end(), gv.begin(), gv.end());
-  return gk;
-}
-
-// Every launch variant of the slot engine, on the same inputs (the generator is reset per variant);
-// variants other than 0 must write exactly variant 0's bits (K and V).
-template <typename T>
-void test_slot_kernels(bool compose, bool inter, int L, int P, int ps, int H, int D, int rd, const char* name,
-                       bool slots64 = true) {
-  const auto state = rng;
-  std::vector<T> base;
-  for (int v = 0; v < kvfuse::kSlotVariants; ++v) {
-    rng = state;
-    char buf[256];
-    std::snprintf(buf, sizeof buf, "%s [variant %d]", name, v);
-    const std::vector<T> got = test_slot_variant<T>(compose, inter, L, P, ps, H, D, rd, buf, slots64, v);
-    if (v == 0) {
-      base = got;
-    } else {
-      std::snprintf(buf, sizeof buf, "%s [variant %d == variant 0]", name, v);
-      const bool same = got.size() == base.size() && std::memcmp(got.data(), base.data(), got.size() * sizeof(T)) == 0;
-      expect(same, buf, 0.0);
-    }
-  }
 }
 
 void test_merge_states() {

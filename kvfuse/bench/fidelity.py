@@ -98,6 +98,8 @@ def aggregate(per_seed: list[dict]) -> dict:
     out["flops_rel"] = statistics.fmean(rel) if rel else None
     rel = [m["time_rel"] for m in per_seed if m["time_rel"] is not None]
     out["time_rel"] = statistics.median(rel) if rel else None
+    if all("recomputed" in m for m in per_seed):
+        out["recomputed"] = statistics.fmean(m["recomputed"] for m in per_seed)
     if all("rank" in m for m in per_seed):
         out.update(loglik=statistics.fmean(m["loglik"] for m in per_seed),
                    rank=statistics.fmean(m["rank"] for m in per_seed),
@@ -110,13 +112,14 @@ def _f(x, spec=".3g") -> str:
     return "–" if x is None else format(x, spec)
 
 
-HEAD = ("row", "gold log-lik", "rank", "acc", "EM", "KL mean", "KL max", "top-1", "FLOPs vs text", "time vs text",
-        "ms")
+HEAD = ("row", "gold log-lik", "rank", "acc", "EM", "KL mean", "KL max", "top-1", "recomputed", "FLOPs vs text",
+        "time vs text", "ms")
 
 
 def _line(label: str, m: dict) -> str:
     cells = [label, _f(m.get("loglik"), ".2f"), _f(m.get("rank"), ".2f"), _f(m.get("acc"), ".2f"),
              _f(m.get("em"), ".2f"), _f(m["kl_mean"]), _f(m["kl_max"]), _f(m["top1"], ".3f"),
+             _f(m.get("recomputed"), ".1%"),
              _f(m["flops_rel"], ".3f"), _f(m["time_rel"], ".2f"), _f(m["seconds"] * 1000, ".0f")]
     return "| " + " | ".join(cells) + " |"
 

@@ -37,7 +37,8 @@ def metrics(task: Task, out: RowOutput, gold: RowOutput) -> dict:
     ``kl_mean`` / ``kl_max``: KL(text || row) in nats, mean / max over the positions of the target
     ``task.kl_target`` (the gold answer, or the continuation); ``top1``: top-1 agreement there;
     ``loglik``, ``rank``, ``correct``, ``exact`` when the task has a gold answer (`answer_scores`);
-    ``seconds``, ``flops`` and their ratios to the text merge's (``time_rel``, ``flops_rel``).
+    ``seconds``, ``flops`` and their ratios to the text merge's (``time_rel``, ``flops_rel``);
+    ``recomputed``: the fraction of the merged tokens a repair row recomputed.
     """
     k = task.kl_target
     kl = kl_divergence(gold.logits[k], out.logits[k])
@@ -49,6 +50,8 @@ def metrics(task: Task, out: RowOutput, gold: RowOutput) -> dict:
         m.update(answer_scores(out.logits, task.targets, task.gold))
     if out.note:
         m["note"] = out.note
+    if out.recomputed is not None:
+        m["recomputed"] = out.recomputed
     return m
 
 

@@ -49,19 +49,21 @@ from kvfuse.fidelity.tasks import KINDS, Task, cache_kwargs
 
 __all__ = ["Row", "RowOutput", "ROWS", "register", "kvfuse_row", "text_merge", "prefix_only", "memory_insert",
            "prefill_threads", "score_targets", "forward_flops", "attention", "default_rows", "repair_before_join",
-           "repair_flops", "probe_flops"]
+           "repair_flops", "probe_flops", "temperature_before_join"]
 
 
 @dataclasses.dataclass
 class RowOutput:
     """What a row returns. logits: one float32 CPU tensor ``[len(target), vocab]`` per target of the
     task, ``logits[i]`` predicting ``target[i]``. seconds: measured wall time of the counted work.
-    flops: counted FLOPs (module docstring). note: anything the table should say about this run."""
+    flops: counted FLOPs (module docstring). note: anything the table should say about this run.
+    recomputed: the fraction of the merged sequence's tokens whose K/V were recomputed (repair rows)."""
 
     logits: list[torch.Tensor]
     seconds: float
     flops: float
     note: str = ""
+    recomputed: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Row:
     run: Callable[..., RowOutput]
     kinds: tuple[str, ...] = KINDS
     description: str = ""
+    default: bool = True  # in `default_rows` (the repair and temperature rows are asked for by name)
 
 
 ROWS: dict[str, Row] = {}
@@ -85,8 +88,8 @@ def register(row: Row) -> Row:
 
 
 def default_rows(kind: str) -> list[Row]:
-    """The registered rows that apply to tasks of ``kind``, in table order (``text`` first)."""
-    return [r for r in ROWS.values() if kind in r.kinds]
+    """The registered default rows that apply to tasks of ``kind``, in table order (``text`` first)."""
+    return [r for r in ROWS.values() if kind in r.kinds and r.default]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -238,7 +241,7 @@ def prefill_threads(model, task: Task, *, page_size: int = 16):
     return store, prefix, threads
 
 
-def _join(model, task: Task, seq, timer: _Timer, flops: float) -> RowOutput:
+def _join(model, task: Task, seq, timer: _Timer, flops: float, recomputed: float | None = None) -> RowOutput:
     """The join through `hf.decode` on ``seq`` (counted), then the targets (not counted)."""
     from kvfuse.integrations import hf
 
@@ -248,20 +251,21 @@ def _join(model, task: Task, seq, timer: _Timer, flops: float) -> RowOutput:
         out = hf.decode(model, [seq], task.join[None].to(dev))
     flops += forward_flops(model, task.join.numel(), n_seen)
     logits = score_targets(model, seq, out[0, -1], task.targets)
-    return RowOutput(logits, timer.seconds, flops)
+    return RowOutput(logits, timer.seconds, flops, recomputed=recomputed)
 
 
 BeforeJoin = Callable[..., float]
 
 
 def kvfuse_row(name: str, layout: str, *, before_join: BeforeJoin | None = None, page_size: int = 16,
-               description: str = "") -> Row:
+               description: str = "", default: bool = True) -> Row:
     """A row through kvfuse's real path with ``kvfuse.merge(threads, layout=layout)``.
 
     ``before_join(model, task, merged) -> flops``, when given, runs after the merge and before the
     join (timed with them) and may change the merged sequence's K/V in place: the place of repair
     (recompute chosen tokens with full visibility) and of any other post-merge treatment. It must
-    leave ``merged`` live and return the FLOPs it spent (`forward_flops` counts a forward)."""
+    leave ``merged`` live and return the FLOPs it spent (`forward_flops` counts a forward), or
+    ``(flops, recomputed)`` with the fraction of the merged tokens it recomputed."""
     import kvfuse
 
     def run(model, task: Task) -> RowOutput:
@@ -271,13 +275,14 @@ def kvfuse_row(name: str, layout: str, *, before_join: BeforeJoin | None = None,
             prefix.release()
             with timer():
                 merged = kvfuse.merge(threads, layout=layout)
-                flops = float(before_join(model, task, merged)) if before_join is not None else 0.0
+                spent = before_join(model, task, merged) if before_join is not None else 0.0
+            flops, recomputed = spent if isinstance(spent, tuple) else (spent, None)
             try:
-                return _join(model, task, merged, timer, flops)
+                return _join(model, task, merged, timer, float(flops), recomputed)
             finally:
                 merged.release()
 
-    return Row(name, run, ("reading", "branches"), description or f"kvfuse.merge(layout={layout!r})")
+    return Row(name, run, ("reading", "branches"), description or f"kvfuse.merge(layout={layout!r})", default)
 
 
 def memory_insert(model, task: Task, *, page_size: int = 16) -> RowOutput:
@@ -364,7 +369,7 @@ def repair_before_join(policy: str, budget: float):
             if policy == "union":
                 chosen = repair.union(chosen, repair.first_tokens(merged, 16))
         hf.repair(model, merged, ids, chosen)
-        return flops + repair_flops(model, chosen)
+        return flops + repair_flops(model, chosen), chosen.numel() / merged.num_tokens
 
     return fn
 
@@ -374,7 +379,34 @@ for _layout in ("sequential", "shared"):
         for _b in _budgets:
             _label = f"{_b}" if _policy == "first" else f"{int(round(_b * 100))}%"
             register(kvfuse_row(f"{_layout}+{_policy}{_label}", _layout, before_join=repair_before_join(_policy, _b),
-                                description=f"{_layout} layout, then repair ({_policy} {_label})"))
+                                description=f"{_layout} layout, then repair ({_policy} {_label})", default=False))
 register(kvfuse_row("sequential+all", "sequential", before_join=repair_before_join("all", 1.0),
-                    description="sequential layout, every token repaired (must equal the text merge)"))
+                    description="sequential layout, every token repaired (must equal the text merge)", default=False))
+
+
+def temperature_before_join(temperature: float):
+    """A `kvfuse_row` hook: APE-style attention temperature on the threads at the join. Every thread
+    token's keys (all layers) are divided by ``temperature`` in place, so every later query's scores
+    for them are ``q.k / temperature`` (the prefix and the join are untouched). APE also scales the
+    threads' attention weights by a factor; that needs a per-segment weight in the attention kernels,
+    which kvfuse does not have, so only the temperature is measured."""
+
+    def fn(model, task: Task, merged) -> float:
+        store = merged.store
+        n_pre = task.prefix.numel()
+        storage = merged.token_index()[n_pre:]
+        ps = store.page_size
+        pages = torch.tensor(merged.pages, dtype=torch.int64)
+        slots = (pages[storage // ps] * ps + storage % ps).to(store.device)
+        view = store.k_cache.view(store.num_layers, -1, store.num_kv_heads, store.head_dim)
+        view[:, slots] = (view[:, slots].float() / temperature).to(view.dtype)
+        return 0.0
+
+    return fn
+
+
+for _t in (0.9, 0.8):
+    register(kvfuse_row(f"shared+temp{_t}", "shared", before_join=temperature_before_join(_t),
+                        description=f"shared layout, APE-style temperature {_t} on the threads' keys (no scale)",
+                        default=False))
 register(Row("prefix-only", prefix_only, KINDS, "threads dropped: the join right after the prefix (the floor)"))

@@ -21,25 +21,18 @@
 // warp covers consecutive slots: neighbouring addresses for a page-ordered list). It issues all data
 // loads (8 x 16 bytes for NeoX K 4) and the cos/sin loads before any compute, then loads the next
 // iteration's slot ids and table indices (so that the dependent slot id -> address round trip is off
-// the critical path), then rotates and stores. The grid is persistent: one wave of resident blocks,
-// blockIdx.y the layer. Index math: one 64-bit row base per row; offsets inside a row are 32-bit.
+// the critical path), then rotates and stores. One block per tile of rows (the grid-stride loop runs
+// once), blockIdx.y the layer. Index math: one 64-bit row base per row; offsets inside a row are 32-bit.
 //
 // Rows too wide for K <= 4 items per thread with cols <= 256 are split into `npass` passes over the
 // rows, each with a different item subset (same code; only very wide rows need it).
 //
-// Launch variants (KVFUSE_CUDA_ROTARY_VARIANT, read once per process, or the launcher's `variant`
-// argument): only the distribution of work changes, every variant writes the same bits. The variant
-// is a sum of flags (0 .. 7; 0 is the behaviour described above; unset or anything else: the
-// measured per-op default, kRerotateDefaultVariant = 1 and kComposeDefaultVariant = 5):
-//   1  non-persistent grid: one block per tile (grid = number of tiles, up to 2^20 blocks; the
-//      grid-stride loop then runs once), as a plain elementwise kernel is scheduled;
-//   2  blocks of about 256 threads instead of 128;
-//   4  K 4 plans (e.g. §1 / §2) run slot_rotate_wide_kernel: two rows per iteration (8 items,
-//      16 x 16 B loads in flight per thread for NeoX), under a higher register cap. K 2 / K 1 plans
-//      are unchanged.
+// Launch, as measured on the H200 (BENCH_TARGETS sections 1 / 2, TB/s of rerotate / compose): a
+// persistent grid of one wave of resident blocks 3.79 / 3.83; one block per tile 3.95 / 3.81; two
+// rows per thread and iteration for K 4 plans 3.78 / 3.81; both 3.82 / 3.97. So: blocks of about 128
+// threads, one block per tile; compose's K 4 plans (e.g. section 2) run slot_rotate_wide_kernel (two
+// rows per iteration, 16 x 16 B loads in flight per thread for NeoX, under a higher register cap).
 #pragma once
-
-#include <cstdlib>
 
 #include "kvfuse/common.cuh"
 
@@ -269,33 +262,11 @@ slot_rotate_kernel(SlotRotateParams p) {
   detail::slot_rotate_body<T, VEC, INTERLEAVED, COMPOSE, K, slot_rows(K)>(p);
 }
 
-// Variant flag 4: K 4 plans with two rows per thread and iteration.
+// Compose's K 4 plans: two rows per thread and iteration.
 template <typename T, int VEC, bool INTERLEAVED, bool COMPOSE>
 __global__ void KVFUSE_SLOT_REGS(slot_wide_max_regs(COMPOSE))
 slot_rotate_wide_kernel(SlotRotateParams p) {
   detail::slot_rotate_body<T, VEC, INTERLEAVED, COMPOSE, 4, 2 * slot_rows(4)>(p);
-}
-
-// Launch variants (see the top of this file): flags, 0 .. kSlotVariants - 1.
-constexpr int kSlotVariants = 8;
-enum : int { kSlotFlat = 1, kSlotBlock256 = 2, kSlotWide = 4 };
-
-// KVFUSE_CUDA_ROTARY_VARIANT, read once per process: a whole number in [0, kSlotVariants), else 0.
-// Defaults, from the H200 sweep (bench/gpu_rotary_sweep.py, §1 rerotate / §2 compose, TB/s):
-// variant 0: 3.79 / 3.83, 1: 3.95 / 3.81, 4: 3.78 / 3.81, 5: 3.82 / 3.97.
-constexpr int kRerotateDefaultVariant = 1;  // one block per tile
-constexpr int kComposeDefaultVariant = 5;   // one block per tile, two rows per thread
-
-// KVFUSE_CUDA_ROTARY_VARIANT, read once; -1 when unset or invalid (the per-op default then).
-inline int slot_variant_from_env() {
-  static const int variant = [] {
-    const char* s = std::getenv("KVFUSE_CUDA_ROTARY_VARIANT");
-    if (s == nullptr || *s == '\0') return -1;
-    char* end = nullptr;
-    const long v = std::strtol(s, &end, 10);
-    return (*end == '\0' && v >= 0 && v < kSlotVariants) ? static_cast<int>(v) : -1;
-  }();
-  return variant;
 }
 
 // How rows are cut among threads: K items per thread per row, `cols` threads per row, `npass`
@@ -328,14 +299,10 @@ inline SlotPlan slot_plan(int items, int cph) {
   return SlotPlan{1, kRotaryThreads, (items + kRotaryThreads - 1) / kRotaryThreads};
 }
 
-// Host launcher shared by rerotate and compose. T: float, __half or __nv_bfloat16. variant: launch
-// variant flags (0 .. kSlotVariants - 1; -1: KVFUSE_CUDA_ROTARY_VARIANT). Returns the launch error,
-// if any.
+// Host launcher shared by rerotate and compose (kvfuse/rerotate.cuh, kvfuse/compose.cuh). T: float,
+// __half or __nv_bfloat16. Returns the launch error, if any.
 template <typename T, bool COMPOSE>
-cudaError_t launch_slot_rotate(SlotRotateParams p, bool interleaved, cudaStream_t stream, int variant = -1) {
-  if (variant < 0) variant = slot_variant_from_env();
-  if (variant < 0) variant = COMPOSE ? kComposeDefaultVariant : kRerotateDefaultVariant;
-  if (variant >= kSlotVariants) return cudaErrorInvalidValue;
+cudaError_t launch_slot_rotate(SlotRotateParams p, bool interleaved, cudaStream_t stream) {
   if (p.n == 0 || p.num_layers == 0 || p.num_heads == 0) return cudaSuccess;
   // Row counters are 32-bit: 2^31 listed slots would be 16 GiB of int64 slot ids alone.
   if (p.n > (1LL << 31) - (1LL << 20)) return cudaErrorInvalidValue;
@@ -356,24 +323,17 @@ cudaError_t launch_slot_rotate(SlotRotateParams p, bool interleaved, cudaStream_
   p.cols = plan.cols;
   p.npass = plan.npass;
   // Blocks of about 128 threads (whole rows): at 90-128 registers a thread, 4-warp blocks pack an SM
-  // more tightly (e.g. 20 warps at 94 registers) than 8-warp ones (16). Variant flag 2: about 256.
-  const int block = (variant & kSlotBlock256) ? kRotaryThreads : kRotaryBlock;
-  const int threads = std::max(plan.cols, block / plan.cols * plan.cols);
+  // more tightly (e.g. 20 warps at 94 registers) than 8-warp ones (16).
+  const int threads = std::max(plan.cols, kRotaryBlock / plan.cols * plan.cols);
   const int rows_per_block = threads / plan.cols;
-  const bool wide = (variant & kSlotWide) && plan.K == 4;
+  const bool wide = COMPOSE && plan.K == 4;
 
   auto go = [&](auto kernel, int rows) {
     const long long tile_rows = static_cast<long long>(rows_per_block) * rows;
     const long long tiles = (p.n + tile_rows - 1) / tile_rows;
     const int gy = std::min(p.num_layers, 65535);
-    long long gx;
-    if (variant & kSlotFlat) {
-      // One block per tile; at most 2^20 blocks, so that tile + gridDim.x stays below 2^31 (n is).
-      gx = std::max(1LL, std::min(tiles, 1LL << 20));
-    } else {
-      const long long resident = resident_blocks(kernel, threads, 0);
-      gx = std::max(1LL, std::min(tiles, (resident + gy - 1) / gy));
-    }
+    // One block per tile; at most 2^20 blocks, so that tile + gridDim.x stays below 2^31 (n is).
+    const long long gx = std::max(1LL, std::min(tiles, 1LL << 20));
     kernel<<<dim3(static_cast<unsigned>(std::min(gx, 2147483647LL)), gy), threads, 0, stream>>>(p);
     return cudaGetLastError();
   };
