@@ -11,6 +11,8 @@ import struct
 
 import torch
 
+from kvfuse._deps import require
+
 
 def _permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     out_dim, in_dim = w.shape
@@ -20,7 +22,7 @@ def _permute_for_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def load_llama2c(path: str):
     """Returns a float32 ``transformers.LlamaForCausalLM`` (eval mode) with the checkpoint's weights."""
-    import transformers
+    transformers = require("transformers", "kvfuse.checkpoints.load_llama2c")
 
     with open(path, "rb") as f:
         dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", f.read(28))

@@ -19,6 +19,7 @@ import torch
 
 import kvfuse
 from kvfuse import Segment, SegmentGraph, SourceSegment
+from kvfuse._deps import require
 
 
 def _sync(dev):
@@ -52,7 +53,7 @@ def main(argv=None):
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--backend", default=None, help="auto (default), cuda, triton or torch")
     args = ap.parse_args(argv)
-    import transformers
+    transformers = require("transformers", "kvfuse.demo")
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

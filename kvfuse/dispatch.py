@@ -43,8 +43,8 @@ class Impl:
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 _LOAD_ERRORS: dict[str, str] = {}
-_LOADED = False
-_LOAD_LOCK = threading.RLock()  # the first dispatch of two threads: both wait until every backend is loaded
+_LOADED: set[str] = set()  # backends whose module was imported (or failed to import)
+_LOAD_LOCK = threading.RLock()  # the first dispatch of two threads: both wait until the backend is loaded
 # the public names `available` takes, and the registered op each runs
 PUBLIC_OPS = {"rerotate": "rerotate_", "rerotate_": "rerotate_", "compose": "compose_copy_",
               "attention": "segment_attention", "merge_states": "merge_states"}
@@ -61,19 +61,18 @@ def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = N
     return deco
 
 
-def _load_backends() -> None:
-    global _LOADED
-    if _LOADED:
+def _load(backend: str) -> None:
+    """Import one backend's module on first use (importing triton alone takes a few hundred ms)."""
+    if backend in _LOADED:
         return
     with _LOAD_LOCK:
-        if _LOADED:
+        if backend in _LOADED:
             return
-        for name, mod in _BACKEND_MODULES.items():
-            try:
-                importlib.import_module(mod)
-            except Exception as e:  # an unavailable backend becomes a reason, never an import error
-                _LOAD_ERRORS[name] = f"{type(e).__name__}: {e}"
-        _LOADED = True
+        try:
+            importlib.import_module(_BACKEND_MODULES[backend])
+        except Exception as e:  # an unavailable backend becomes a reason, never an import error
+            _LOAD_ERRORS[backend] = f"{type(e).__name__}: {e}"
+        _LOADED.add(backend)
 
 
 def resolve(backend: str | None) -> str:
@@ -92,7 +91,7 @@ def resolve(backend: str | None) -> str:
 def reasons_for(op: str, backend: str, **inputs) -> list[str]:
     """Why ``backend`` cannot run ``op`` on ``inputs`` (empty: it can). Without inputs only what does
     not depend on them: the backend failed to load, or has no implementation of ``op``."""
-    _load_backends()
+    _load(backend)
     if backend in _LOAD_ERRORS:
         return [f"the {backend} backend failed to load ({_LOAD_ERRORS[backend]})"]
     impl = _REGISTRY.get(op, {}).get(backend)
@@ -124,12 +123,12 @@ def _on_cpu(inputs) -> bool:
 
 
 def implementation(op: str, backend: str) -> Callable:
-    _load_backends()
+    _load(backend)
     return _REGISTRY[op][backend].fn
 
 
 def meta(op: str, backend: str) -> dict:
-    _load_backends()
+    _load(backend)
     return _REGISTRY[op][backend].meta
 
 

@@ -34,6 +34,7 @@ import json
 import torch
 
 from kvfuse._checks import ANY_FLOAT, check_finite, check_instance, check_int, check_tensor
+from kvfuse._deps import require
 from kvfuse.rerotate import check_positions, rerotate_
 from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig, as_model_rope
 from kvfuse.threads import PagedKVStore, SegmentInfo, Sequence
@@ -81,7 +82,7 @@ def save(path: str, seq: Sequence, *, identity: str, segment: str | None = None,
         identity: the model identity (`model_identity`), checked again on `load`/`insert`.
         metadata: extra string-convertible entries stored in the file header.
     """
-    from safetensors.torch import save_file
+    save_file = require("safetensors.torch", "kvfuse.memory.save").save_file
 
     if seq.store.rope is None:
         raise ValueError("save: the sequence's store has no RopeConfig (PagedKVStore(..., rope=...))")
@@ -107,7 +108,7 @@ def save(path: str, seq: Sequence, *, identity: str, segment: str | None = None,
 def load(path: str, *, identity: str | None = None, rope: RopeConfig | None = None, device="cpu") -> MemoryBlock:
     """Read a block written by `save`. ``identity`` / ``rope``, when given, must match the file's
     (``ValueError`` otherwise, naming both)."""
-    from safetensors import safe_open
+    safe_open = require("safetensors", "kvfuse.memory.load").safe_open
 
     with safe_open(path, framework="pt", device=str(device)) as f:
         header = f.metadata() or {}

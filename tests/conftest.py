@@ -5,18 +5,9 @@ import torch
 
 import kvfuse
 from kvfuse.dispatch import reasons_for
+from kvfuse.testing import TOL  # the table kvfuse-bench --check uses too
 
 BACKENDS = ("torch", "triton", "cuda")
-
-# Tolerances (atol, rtol) of a kernel against a float64 oracle, per storage dtype. bf16 keeps 8 bits
-# of mantissa (eps 2**-8 = 3.9e-3): one rounding of the output gives up to ~4e-3 relative; fp16 has
-# eps 2**-11; float32 results are compared after float32 arithmetic inside (eps 1.2e-7) on values of
-# order 1-10, so 1e-5 leaves room for a few roundings.
-TOL = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 
 
 def device_for(backend: str) -> torch.device:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvfuse import bench
-from kvfuse.bench import common
+from kvfuse.bench import common, report
 
 FAST = ["--rep-ms", "1", "--quiet", "--device", "cpu"]
 TINY = {
@@ -71,7 +71,7 @@ def test_json_and_csv_fields(tmp_path):
     assert triton_row["status"] in ("ok", "skipped")
     with open(cs) as f:
         rows = list(csv.DictReader(f))
-    assert set(common.CSV_META) | set(common.FIELDS) <= set(rows[0])
+    assert set(report.CSV_META) | set(common.FIELDS) <= set(rows[0])
     assert {r["provider"] for r in rows} == {"torch", "triton"}
     assert rows[0]["torch"] and rows[0]["date"]
 
@@ -130,6 +130,40 @@ def test_plot(tmp_path, capsys):
         assert bench.main(argv) == 0 and png.stat().st_size > 0
 
 
+def test_plot_series_draws_every_scenario_that_ran():
+    """`all --plot`: a panel per scenario with a measured row; lines through the swept sizes (one per series,
+    whatever the label says about the size), bars where one size ran."""
+    R = common.Result
+    rows = [R("ceilings", "copy", "copy", "copy_", "ok", ms=1.0, unit="TB/s", value=4.0),
+            R("ceilings", "matmul", "matmul", "matmul", "ok", ms=2.0, unit="TFLOP/s", value=700.0),
+            R("rerotate", "c", "torch", "torch", "ok", ms=3.0, unit="TB/s", value=0.2, x=64),
+            R("rerotate", "c", "triton", "kvfuse triton", "ok", ms=0.3, unit="TB/s", value=2.0, x=64),
+            R("rerotate", "c", "cuda", "kvfuse cuda", "skipped", note="no GPU", x=64),
+            R("decode", "c", "cuda", "kvfuse cuda", "skipped", note="no GPU", x=512)]
+    for T in (1, 3):
+        rows += [R("threads", f"T={T}", "batched", f"batched: {T} rows", "ok", ms=2.0, unit="tok/s", value=T * 500,
+                   x=T, series="batched"),
+                 R("threads", f"T={T}", "one-by-one", f"one-by-one: {T} calls", "ok", ms=2.0 * T, unit="tok/s",
+                   value=500, x=T, series="one-by-one")]
+    panels = report.plot_series(rows)
+    assert list(panels) == ["ceilings", "rerotate", "threads"]  # decode measured nothing
+    assert panels["ceilings"] == {"unit": "rate", "bars": [("copy_", 4.0, "TB/s"), ("matmul", 700.0, "TFLOP/s")]}
+    assert panels["rerotate"]["bars"] == [("torch", 0.2, "TB/s"), ("kvfuse triton", 2.0, "TB/s")]
+    assert panels["threads"] == {"unit": "tok/s", "lines": {"batched": [(1, 500), (3, 1500)],
+                                                            "one-by-one": [(1, 500), (3, 500)]}}
+
+
+def test_threads_plot_draws_lines(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("transformers")
+    png, js = tmp_path / "t.png", tmp_path / "t.json"
+    assert bench.main(["threads", *TINY["threads"], *FAST, "--plot", str(png), "--json", str(js)]) == 0
+    assert png.stat().st_size > 0
+    results = [common.Result(**r) for r in json.loads(js.read_text())["results"]]
+    lines = report.plot_series(results)["threads"]["lines"]
+    assert set(lines) == {"batched", "one-by-one"} and all([x for x, _ in p] == [1, 3] for p in lines.values())
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "required"),
     (["nope"], "invalid choice"),
@@ -159,7 +193,8 @@ def test_help_lists_scenarios(capsys):
         bench.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("rerotate", "compose", "prefill", "decode", "e2e", "threads", "all", "ceilings"):
+    for name in ("rerotate", "compose", "prefill", "decode", "e2e", "threads", "all", "ceilings", "fidelity",
+                 "validate"):
         assert name in out
 
 
@@ -215,26 +250,26 @@ def test_git_commit_falls_back_to_the_environment(monkeypatch):
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(common.subprocess, "run", no_git)
+    monkeypatch.setattr(report.subprocess, "run", no_git)
     monkeypatch.delenv("KVFUSE_GIT_COMMIT", raising=False)
-    assert common._git_commit() is None
+    assert report._git_commit() is None
     monkeypatch.setenv("KVFUSE_GIT_COMMIT", "abc1234")
-    assert common._git_commit() == "abc1234"
-    assert common.environment(torch.device("cpu"))["git_commit"] == "abc1234"
+    assert report._git_commit() == "abc1234"
+    assert report.environment(torch.device("cpu"))["git_commit"] == "abc1234"
 
     class NotARepo:
         returncode, stdout = 128, ""
 
-    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: NotARepo())
-    assert common._git_commit() == "abc1234"
+    monkeypatch.setattr(report.subprocess, "run", lambda *a, **k: NotARepo())
+    assert report._git_commit() == "abc1234"
 
     class Repo:
         returncode, stdout = 0, "f00d\n"
 
-    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: Repo())
-    assert common._git_commit() == "abc1234"  # the environment wins over a .git that may be stale
+    monkeypatch.setattr(report.subprocess, "run", lambda *a, **k: Repo())
+    assert report._git_commit() == "abc1234"  # the environment wins over a .git that may be stale
     monkeypatch.delenv("KVFUSE_GIT_COMMIT")
-    assert common._git_commit().startswith("f00d")
+    assert report._git_commit().startswith("f00d")
 
 
 def test_all_time_limit_skips_scenarios_not_started(tmp_path, monkeypatch, capsys):
@@ -298,3 +333,41 @@ def test_flashinfer_warmup_falls_back_to_lazy_compiles(monkeypatch):
     args = ap.parse_args(["all", "--device", "cpu"])
     bench._validate(ap, args)
     assert bench._start_warmup(common.Ctx(args, torch.device("cpu")), bench.ALL_ORDER) is None
+
+
+def test_validate_calls_every_kernel_once(capsys):
+    """`validate --calls` (what compute-sanitizer runs): every small call on the chosen backends, each compared
+    with the torch backend; a backend that cannot run here is skipped with the reason."""
+    from kvfuse.bench import validate
+
+    assert bench.main(["validate", "--calls", "--backends", "triton,cuda"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in validate.CALLS:
+        for backend in ("triton", "cuda"):
+            (line,) = [x for x in lines if x.startswith(f"{name} [{backend}]: ")]
+            assert line.split(": ", 1)[1].startswith(("ok (max error", "skipped (")), line
+
+
+def test_validate_catches_a_wrong_kernel(monkeypatch, capsys):
+    from kvfuse.bench import validate
+
+    def off_by_one(backend, dev):  # the "kernel" of every backend but torch is off by one
+        return torch.ones(3, device=dev) + (backend != "torch")
+
+    monkeypatch.setattr(validate, "CALLS", {"merge_states": off_by_one})
+    assert bench.main(["validate", "--calls", "--backends", "triton"]) == 1
+    assert "merge_states [triton]: WRONG (max error 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("passing", [True, False], ids=["tests-pass", "a-test-fails"])
+def test_validate_runs_the_test_suite(tmp_path, capsys, passing):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_one.py").write_text(f"def test_one():\n    assert {passing}\n")
+    logs = tmp_path / "logs"
+    rc = bench.main(["validate", "--tests", str(suite), "--workers", "0", "--log-dir", str(logs)])
+    out = capsys.readouterr().out
+    assert rc == (0 if passing else 1)
+    assert ("1 passed" if passing else "1 failed") in (logs / "pytest.log").read_text()
+    if not torch.cuda.is_available():
+        assert "## compute-sanitizer: skipped (no CUDA GPU)" in out

@@ -428,7 +428,7 @@ def test_first_dispatch_of_two_threads_does_not_race(monkeypatch):
             if name in impls:
                 dispatch._REGISTRY.setdefault(op, {})[name] = impls[name]
 
-    monkeypatch.setattr(dispatch, "_LOADED", False)
+    monkeypatch.setattr(dispatch, "_LOADED", set())
     monkeypatch.setattr(dispatch, "_REGISTRY", {})
     monkeypatch.setattr(dispatch, "_LOAD_ERRORS", {})
     monkeypatch.setattr(dispatch, "importlib", types.SimpleNamespace(import_module=slow_import))
@@ -487,7 +487,7 @@ def test_a_missing_backend_says_how_to_install_it(monkeypatch, backend, blocked,
     if blocked == "kvfuse._C":
         monkeypatch.delattr(kvfuse, "_C", raising=False)
     monkeypatch.delitem(sys.modules, f"kvfuse.backends.{backend}", raising=False)
-    monkeypatch.setattr(dispatch, "_LOADED", False)
+    monkeypatch.setattr(dispatch, "_LOADED", set())
     monkeypatch.setattr(dispatch, "_LOAD_ERRORS", {})
     monkeypatch.setattr(dispatch, "_REGISTRY", {op: dict(impls) for op, impls in dispatch._REGISTRY.items()})
     (reason,) = dispatch.reasons_for("rerotate_", backend)

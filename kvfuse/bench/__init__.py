@@ -1,4 +1,4 @@
-"""``kvfuse-bench``: the benchmark CLI of the scenarios of BENCH_TARGETS.md.
+"""``kvfuse-bench``: the benchmark CLI of the scenarios of bench/TARGETS.md.
 
     kvfuse-bench all --check --json out.json          # every scenario, ceilings measured first
     kvfuse-bench rerotate --providers triton,flashinfer --pages 4096 --page-size 64
@@ -6,6 +6,7 @@
     python -m kvfuse.bench decode --context 8192 --csv decode.csv
     kvfuse-bench threads --threads 2,4,8 --check --json threads.json
     kvfuse-bench fidelity --model smollm2-135m --threads 2,4,8 --seeds 0,1,2 --plot fidelity.png
+    kvfuse-bench validate                             # GPU: the test suite, then compute-sanitizer
 
 Each scenario prints one GitHub-markdown table per case: provider, median / p20 / p80 milliseconds,
 TB/s or effective TFLOP/s, fraction of the ceiling and speed-up over the baseline. Providers that
@@ -14,6 +15,7 @@ provider that fails is reported and the run goes on. See bench/README.md for eve
 
 Exit status: 0; 1 when a provider disagrees with the reference (--check), or when a scenario that
 ran measured nothing (every requested provider was skipped or failed); 2 for a usage error.
+``validate`` is not a timing scenario: see `kvfuse.bench.validate`.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import importlib.util
 import sys
 import time
 
-from kvfuse.bench.common import DTYPES, HIDDEN_PROVIDERS, PROVIDERS, Ctx, Result, environment, free_memory
+from kvfuse.bench.common import DTYPES, HIDDEN_PROVIDERS, PROVIDERS, Ctx, Result
+from kvfuse.bench.report import environment
+from kvfuse.bench.timing import free_memory
 
 SCENARIOS = {
-    "rerotate": "RoPE re-rotation of a paged K cache in place (BENCH_TARGETS.md section 1)",
+    "rerotate": "RoPE re-rotation of a paged K cache in place (bench/TARGETS.md section 1)",
     "compose": "compose T threads' paged KV: general copy path and zero-copy path (section 2)",
     "prefill": "block-sparse cross-thread prefill (section 3)",
     "decode": "paged decode after a merge, with and without the cross-thread mask (section 4)",
@@ -86,7 +90,7 @@ def _counts(s: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("shapes (defaults: BENCH_TARGETS.md on a GPU, small shapes on CPU)")
+    g = common.add_argument_group("shapes (defaults: bench/TARGETS.md on a GPU, small shapes on CPU)")
     g.add_argument("--pages", type=_positive, help="pages in the pool (rerotate, compose; default 16384)")
     g.add_argument("--page-size", type=_positive, help="tokens per page (default 16)")
     g.add_argument("--kv-heads", type=_positive, help="KV heads (default 8)")
@@ -127,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ap = argparse.ArgumentParser(prog="kvfuse-bench", description="Benchmarks of kvfuse against its baselines "
-                                 "(the scenarios of BENCH_TARGETS.md).")
+                                 "(the scenarios of bench/TARGETS.md).")
     sub = ap.add_subparsers(dest="command", metavar="SCENARIO", required=True)
     for name, text in SCENARIOS.items():
         p = sub.add_parser(name, parents=[common], help=text, description=text)
@@ -140,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--time-limit", type=_positive, metavar="SECONDS",
                    help="start no scenario after SECONDS of the run; those left are reported as skipped (the "
                         "JSON/CSV are written as usual)")
+    from kvfuse.bench import validate
+
+    v = sub.add_parser("validate", help="GPU correctness: the test suite, then compute-sanitizer over one small "
+                       "call of every kernel (builds nothing)", description=validate.__doc__.split("\n\n")[0],
+                       epilog=validate.__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    validate.add_arguments(v)
     return ap
 
 
@@ -154,7 +165,10 @@ def _validate(ap: argparse.ArgumentParser, args) -> None:
     if args.command == "fidelity":
         from kvfuse.bench import fidelity
 
-        fidelity.validate(sub, args)
+        try:
+            fidelity.validate(sub, args)
+        except ImportError as e:
+            sub.error(str(e))
     # the list for the scenarios that take one (threads, e2e); the single value for the others
     args.thread_counts, args.threads = args.threads, (args.threads[0] if args.threads else None)
     if args.plot:
@@ -172,6 +186,10 @@ def _validate(ap: argparse.ArgumentParser, args) -> None:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.command == "validate":
+        from kvfuse.bench import validate
+
+        return validate.main(args)
     _validate(ap, args)
     import torch
 
@@ -267,19 +285,19 @@ def _start_warmup(ctx: Ctx, names: tuple[str, ...]):
 
 
 def _write_outputs(args, meta: dict, ctx: Ctx) -> None:
-    from kvfuse.bench import common
+    from kvfuse.bench import report
 
     if args.json:
-        common.write_json(args.json, meta, ctx.results)
+        report.write_json(args.json, meta, ctx.results)
     if args.csv:
-        common.write_csv(args.csv, meta, ctx.results)
+        report.write_csv(args.csv, meta, ctx.results)
     if args.plot and args.command == "fidelity":
         from kvfuse.bench import fidelity
 
         fidelity.write_plot(args.plot, dict(meta, model=args.model), ctx.results)
     elif args.plot:
         x_names = {n: getattr(importlib.import_module(f"kvfuse.bench.{n}"), "X_NAME", "size") for n in SCENARIOS}
-        common.write_plot(args.plot, meta, ctx.results, x_names)
+        report.write_plot(args.plot, meta, ctx.results, x_names)
     for what, path in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)):
         if path:
             print(f"{what} written to {path}")

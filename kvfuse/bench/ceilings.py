@@ -1,4 +1,4 @@
-"""Ceilings of this machine, measured the way BENCH_TARGETS.md measured its anchors.
+"""Ceilings of this machine, measured the way bench/TARGETS.md measured its anchors.
 
 * copy: device-to-device ``copy_`` of a large buffer, bytes read + written (ceiling of rerotate, compose);
 * read: read-only streaming, the larger of a ``sum`` over a large buffer and SDPA decode over contiguous
@@ -6,14 +6,16 @@
 * matmul: a square matmul, 2 n^3 FLOPs (ceiling of prefill's effective TFLOP/s).
 
 `kvfuse-bench all` measures them first and uses them for the "of ceiling" column of every scenario;
-a single scenario uses the anchors of BENCH_TARGETS.md (H200) unless ``--measure-ceilings`` is given.
+a single scenario uses the anchors of bench/TARGETS.md (H200) unless ``--measure-ceilings`` is given.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvfuse.bench.common import Case, Ctx, Progress, Provider, fmt_bytes, run_case
+from kvfuse.bench.common import Case, Ctx, Provider, fmt_bytes
+from kvfuse.bench.runner import run_case
+from kvfuse.bench.timing import Progress
 
 NAME = "ceilings"
 

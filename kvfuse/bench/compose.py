@@ -15,22 +15,10 @@ import torch
 
 import kvfuse
 from kvfuse import _ops, reference
-from kvfuse.bench.common import (
-    Case,
-    Ctx,
-    Progress,
-    Provider,
-    Reference,
-    fmt_bytes,
-    generator,
-    kvfuse_reasons,
-    opt,
-    provider_selection,
-    randn,
-    run_case,
-    sweep,
-)
+from kvfuse.bench.common import Case, Ctx, Provider, Reference, fmt_bytes, generator, kvfuse_reasons, opt, randn, sweep
 from kvfuse.bench.rerotate import compile_allowed
+from kvfuse.bench.runner import provider_selection, run_case
+from kvfuse.bench.timing import Progress
 from kvfuse.paged import gather_kv, slots_of
 from kvfuse.rope import RopeConfig
 

@@ -16,22 +16,10 @@ import torch
 
 import kvfuse
 from kvfuse import reference
-from kvfuse.bench.common import (
-    Case,
-    Ctx,
-    Progress,
-    Provider,
-    Reference,
-    Skip,
-    fmt_bytes,
-    generator,
-    need_module,
-    opt,
-    provider_selection,
-    randn,
-    run_case,
-)
+from kvfuse.bench.common import Case, Ctx, Provider, Reference, Skip, fmt_bytes, generator, need_module, opt, randn
 from kvfuse.bench.prefill import block_mask, compiled_flex, kvfuse_attention
+from kvfuse.bench.runner import provider_selection, run_case
+from kvfuse.bench.timing import Progress
 from kvfuse.segments import Segment, SegmentGraph
 
 NAME = "decode"
@@ -178,7 +166,7 @@ def run(ctx: Ctx) -> None:
             case = Case(NAME, f"{what} B={B} context={C} page={page} Hq={hq} Hkv={hkv} d={d} {dt}", st,
                         provider_selection(ctx, providers(ctx, masked), DEFAULT_PROVIDERS),
                         references={"default": Reference(ref_fn, inplace=False)}, bytes=nbytes, ceiling="read",
-                        baseline=BASELINE, x=C, group=f"{C} {masked}",
+                        baseline=BASELINE, x=C, group=f"{C} {masked}", series=", cross-thread mask" if masked else "",
                         header=f"{st['n_visible']} visible tokens per sequence; K+V read {fmt_bytes(nbytes)}")
             run_case(ctx, case, prog)
             del st, case

@@ -21,21 +21,10 @@ import torch
 
 import kvfuse
 from kvfuse import reference
-from kvfuse.bench.common import (
-    Case,
-    Ctx,
-    Progress,
-    Provider,
-    Reference,
-    Result,
-    Skip,
-    dense_mask,
-    fmt_bytes,
-    opt,
-    provider_selection,
-    run_case,
-    thread_counts,
-)
+from kvfuse._deps import install_hint
+from kvfuse.bench.common import Case, Ctx, Provider, Reference, Result, Skip, dense_mask, fmt_bytes, opt, thread_counts
+from kvfuse.bench.runner import provider_selection, run_case
+from kvfuse.bench.timing import Progress
 from kvfuse.paged import gather_kv
 from kvfuse.segments import SegmentGraph
 
@@ -204,7 +193,8 @@ def run(ctx: Ctx) -> None:
     try:
         import transformers  # noqa: F401
     except Exception as e:
-        r = Result(NAME, "e2e", "sdpa", "re-prefill", "skipped", note=f"transformers is not importable ({e})")
+        r = Result(NAME, "e2e", "sdpa", "re-prefill", "skipped",
+                   note=f"transformers is not importable ({e}; {install_hint('transformers')})")
         ctx.results.append(r)
         print(f"\n### {NAME}: skipped: {r.note}")
         return
@@ -229,6 +219,7 @@ def run(ctx: Ctx) -> None:
             case = Case(NAME, f"{n} tokens: prefix {P} + {T} threads x {L}, {layers} layers, {str(ctx.dtype)[6:]}",
                         st, provider_selection(ctx, providers(ctx, rope, moved), DEFAULT_PROVIDERS),
                         references=refs, ceiling="copy", baseline="sdpa", inplace=True, mutable=("k", "v"), x=n,
+                        series=f", T={T}",
                         header=f"Llama-3-8B-shaped random weights ({layers} layers, hidden {hq * d}, {hq}/{hkv} "
                                f"heads, d {d}); sequential layout moves {fmt_bytes(moved / 2)} of K")
             run_case(ctx, case, prog)

@@ -1,4 +1,4 @@
-"""Fidelity: how close is a merged KV cache to the text merge, on a trained model (BENCH_TARGETS.md section 7).
+"""Fidelity: how close is a merged KV cache to the text merge, on a trained model (bench/TARGETS.md section 7).
 
     kvfuse-bench fidelity --model smollm2-135m --tasks reading,branches --threads 2,4,8 --seeds 0,1,2 \\
         --json fidelity.json --plot fidelity.png
@@ -26,7 +26,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from kvfuse.bench.common import Ctx, Progress, Result, opt, thread_counts
+from kvfuse.bench.common import Ctx, Result, opt, thread_counts
+from kvfuse.bench.timing import Progress
 
 NAME = "fidelity"
 X_NAME = "threads"
@@ -54,13 +55,16 @@ def _names(s: str) -> tuple[str, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``kvfuse-bench fidelity`` (beside the common ones it reads: --threads, --thread-len,
     --dtype, --device, --json, --csv, --plot, --quiet; kvfuse rows use pages of 16 tokens)."""
-    from kvfuse.fidelity.tasks import KINDS
+    try:
+        from kvfuse.fidelity.tasks import KINDS
+    except ImportError:  # kvfuse.fidelity needs transformers: `validate` says so when fidelity is asked for
+        KINDS = ("(kvfuse.fidelity needs transformers)",)
 
     g = p.add_argument_group("fidelity")
     g.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (default), stories260k, or a .gguf / llama2.c .bin file or a HF folder")
     g.add_argument("--tasks", type=_names, default=DEFAULT_TASKS,
-                   help=f"comma-separated task kinds of {', '.join(KINDS)} (default {','.join(DEFAULT_TASKS)})")
+                   help=f"comma-separated task kinds: {', '.join(KINDS)} (default {','.join(DEFAULT_TASKS)})")
     g.add_argument("--seeds", type=_seeds, default=DEFAULT_SEEDS, help="comma-separated seeds (default 0,1,2)")
     g.add_argument("--rows", type=_names, help="comma-separated rows (default: every registered row of a task kind)")
     g.add_argument("--cont", type=int, default=32, help="teacher-forced continuation tokens of branches (default 32)")

@@ -23,21 +23,19 @@ from kvfuse import _ops, reference
 from kvfuse.bench.common import (
     Case,
     Ctx,
-    Progress,
     Provider,
     Reference,
     Skip,
     dense_mask,
     fmt_bytes,
-    free_bytes,
     generator,
     kvfuse_reasons,
     need_module,
     opt,
-    provider_selection,
     randn,
-    run_case,
 )
+from kvfuse.bench.runner import provider_selection, run_case
+from kvfuse.bench.timing import Progress, free_bytes
 from kvfuse.dispatch import meta
 from kvfuse.segments import SegmentGraph
 

@@ -1,4 +1,4 @@
-"""Repair after a merge versus re-encoding the text (BENCH_TARGETS section 7, the speed half).
+"""Repair after a merge versus re-encoding the text (bench/TARGETS.md section 7, the speed half).
 
 A Llama-3-8B-shaped Hugging Face ``transformers`` model with random weights (32 layers, 32 / 8
 heads, head_dim 128, bf16; a tiny one on CPU) prefills a prefix of half the context and T threads
@@ -28,8 +28,11 @@ import time
 import torch
 
 import kvfuse
-from kvfuse.bench.common import Case, Ctx, Result, _speedups, opt, print_table, sync, thread_counts
+from kvfuse.bench.common import Case, Ctx, Result, opt, thread_counts
 from kvfuse.bench.e2e import NORM_TOL, build_model
+from kvfuse.bench.report import print_table
+from kvfuse.bench.runner import speedups
+from kvfuse.bench.timing import sync
 
 NAME = "repair"
 X_NAME = "context"
@@ -132,7 +135,7 @@ def run(ctx: Ctx) -> None:
     for r in rows.values():
         r.value, r.timing = r.ms, f"median of {reps} after 1 untimed"
     out = list(rows.values())
-    _speedups(out, a.baseline or BASELINE)
+    speedups(out, a.baseline or BASELINE)
     ctx.results.extend(out)
     header = (f"{'Llama-3-8B-shaped' if not ctx.cpu else 'tiny'} random-weight model; ms = wall time, CUDA "
               f"synchronised" + ("; **CPU timings**" if ctx.cpu else ""))

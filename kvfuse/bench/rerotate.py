@@ -14,7 +14,6 @@ from kvfuse import _ops, reference
 from kvfuse.bench.common import (
     Case,
     Ctx,
-    Progress,
     Provider,
     Reference,
     Skip,
@@ -23,11 +22,11 @@ from kvfuse.bench.common import (
     kvfuse_reasons,
     need_module,
     opt,
-    provider_selection,
     randn,
-    run_case,
     sweep,
 )
+from kvfuse.bench.runner import provider_selection, run_case
+from kvfuse.bench.timing import Progress
 from kvfuse.rope import RopeConfig
 
 NAME = "rerotate"

@@ -37,21 +37,12 @@ import time
 import torch
 
 import kvfuse
-from kvfuse.bench.common import (
-    Case,
-    Ctx,
-    Progress,
-    Result,
-    _quantiles,
-    _speedups,
-    free_memory,
-    opt,
-    perturb,
-    print_table,
-    sync,
-    thread_counts,
-)
+from kvfuse._deps import install_hint
+from kvfuse.bench.common import Case, Ctx, Result, opt, thread_counts
 from kvfuse.bench.e2e import NORM_TOL, build_model
+from kvfuse.bench.report import print_table
+from kvfuse.bench.runner import perturb, speedups
+from kvfuse.bench.timing import Progress, free_memory, quantiles, sync
 
 NAME = "threads"
 X_NAME = "threads"
@@ -136,7 +127,7 @@ def time_path(ctx: Ctx, hf, model, prefix, tok0: torch.Tensor, warmup: int, step
         times += [s.elapsed_time(e) for s, e in events]
     finally:
         _release(threads)
-    return _quantiles(times)
+    return quantiles(times)
 
 
 def run(ctx: Ctx) -> None:
@@ -146,7 +137,8 @@ def run(ctx: Ctx) -> None:
         from kvfuse.integrations import hf
     except Exception as e:
         r = Result(NAME, NAME, "batched", "batched", "skipped",
-                   note=f"transformers (with kvfuse.integrations.hf) is not importable ({type(e).__name__}: {e})")
+                   note=f"transformers (with kvfuse.integrations.hf) is not importable ({type(e).__name__}: {e}; "
+                        f"{install_hint('transformers')})")
         ctx.results.append(r)
         print(f"\n### {NAME}: skipped: {r.note}")
         return
@@ -184,10 +176,10 @@ def run(ctx: Ctx) -> None:
         for T in counts:
             case = f"T={T}: {T} threads forked from a {P}-token prefix, {steps} steps, {layers} layers, {dt}"
             rows = [Result(NAME, case, "batched", f"batched: 1 hf.decode call of {T} rows per step", "ok",
-                           unit="tok/s", group=case, x=T,
+                           unit="tok/s", group=case, x=T, series="batched",
                            note="one kvfuse.attention call per layer over the T threads"),
                     Result(NAME, case, BASELINE, f"one-by-one: {T} hf.decode calls of 1 row per step", "ok",
-                           unit="tok/s", group=case, x=T)]
+                           unit="tok/s", group=case, x=T, series="one-by-one")]
             try:
                 tok0 = torch.randperm(cfg.vocab_size, generator=gen)[:T, None].to(dev)  # T distinct first tokens
                 # Both paths over every step first (the check, or without --check an untimed priming
@@ -219,7 +211,7 @@ def run(ctx: Ctx) -> None:
                     if r.status == "ok" and r.ms is None:
                         r.status, r.note = "error", f"{type(e).__name__}: {msg}"
                 free_memory(dev, reset_compiled=False)
-            _speedups(rows, a.baseline or BASELINE)
+            speedups(rows, a.baseline or BASELINE)
             ctx.results.extend(rows)
             print_table(Case(NAME, case, {}, [], group=case, x=T, header=header), rows, ctx)
             summary.append((T, rows))
