@@ -36,7 +36,7 @@
 // != 0) replaces the scaled score s by softcap * tanh(s / softcap). LSE is float32 natural log; a
 // query that sees nothing gets output 0 and LSE -inf.
 //
-// Latency trims (measured on the H200, BENCH_TARGETS section 4, 32 x 32768 tokens, bf16, page 16: 4.17 /
+// Latency trims (measured on the H200, bench/TARGETS.md section 4, 32 x 32768 tokens, bf16, page 16: 4.17 /
 // 4.09 TB/s without / with the cross-thread mask, against 3.29 / 3.23 for the straightforward
 // schedule and 4.03 / 3.97 with a third block per SM): S = Q K^T in 4 independent mma chains (2
 // partial sums per key tile), K (and Q) fragments loaded one k-step ahead, V's first two fragments

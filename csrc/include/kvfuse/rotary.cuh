@@ -27,7 +27,7 @@
 // Rows too wide for K <= 4 items per thread with cols <= 256 are split into `npass` passes over the
 // rows, each with a different item subset (same code; only very wide rows need it).
 //
-// Launch, as measured on the H200 (BENCH_TARGETS sections 1 / 2, TB/s of rerotate / compose): a
+// Launch, as measured on the H200 (bench/TARGETS.md sections 1 / 2, TB/s of rerotate / compose): a
 // persistent grid of one wave of resident blocks 3.79 / 3.83; one block per tile 3.95 / 3.81; two
 // rows per thread and iteration for K 4 plans 3.78 / 3.81; both 3.82 / 3.97. So: blocks of about 128
 // threads, one block per tile; compose's K 4 plans (e.g. section 2) run slot_rotate_wide_kernel (two
