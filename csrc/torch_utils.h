@@ -39,30 +39,6 @@ std::string cat(const A&... a) {
   (put(s, a), ...);
   return s;
 }
-// The slot engine's parameters for the pools (k, and v for compose), slot lists of one integer type
-// (dst: the same as src for an in-place rotation) and the checked cos/sin tables.
-inline SlotRotateParams slot_params(const at::Tensor& k_cache, void* v, const at::Tensor& src, const at::Tensor& dst,
-                                    const at::Tensor& table_idx, const at::Tensor& cos, const at::Tensor& sin,
-                                    int64_t rotary_dim) {
-  const auto d = pool_dims(k_cache, "k_cache");
-  SlotRotateParams p{};
-  p.k = k_cache.data_ptr();
-  p.v = v;
-  p.src_slots = src.data_ptr();
-  p.dst_slots = dst.data_ptr();
-  p.slots64 = src.scalar_type() == at::kLong;
-  p.table_idx = table_idx.data_ptr<int32_t>();
-  p.cos = cos.data_ptr<float>();
-  p.sin = sin.data_ptr<float>();
-  p.n = src.size(0);
-  p.layer_stride = d[1] * d[2] * d[3];
-  p.num_layers = static_cast<int>(d[0]);
-  p.num_heads = static_cast<int>(d[2]);
-  p.head_dim = static_cast<int>(d[3]);
-  p.rotary_dim = static_cast<int>(rotary_dim);
-  return p;
-}
-
 }  // namespace kvfuse::msg
 
 #define KVFUSE_CHECK(cond, ...)                                                       \
