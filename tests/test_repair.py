@@ -17,24 +17,26 @@ PREFIX, THREADS, JOIN = 7, [5, 9, 4], 3
 PAGE = 4
 
 
-def _model(arch="llama"):
+def _model(arch="llama", device="cpu"):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(small_config(arch), attn_implementation="kvfuse")
-    return model.float().eval()
+    return model.float().eval().to(device)
 
 
 def _merged(model, layout, seed=1):
-    """Prefix and threads prefilled through kvfuse, merged; returns (store, merged, token ids)."""
+    """Prefix and threads prefilled through kvfuse, merged (on the model's device); returns (store, merged,
+    token ids)."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, cfg.vocab_size, (PREFIX,), generator=g)
     threads = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in THREADS]
-    store = kvfuse.PagedKVStore.from_hf(cfg, num_pages=64, page_size=PAGE)
+    dev = model.device
+    store = kvfuse.PagedKVStore.from_hf(cfg, num_pages=64, page_size=PAGE, device=dev)
     p = store.sequence()
-    hf.prefill(model, p, prefix[None])
+    hf.prefill(model, p, prefix[None].to(dev))
     forks = kvfuse.fork(p, len(threads))
     for t, ids in zip(forks, threads):
-        hf.prefill(model, t, ids[None])
+        hf.prefill(model, t, ids[None].to(dev))
     p.release()
     merged = kvfuse.merge(forks, layout=layout)
     return store, merged, torch.cat([prefix] + threads)
@@ -97,7 +99,7 @@ def test_repair_is_the_same_on_every_backend(monkeypatch):
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
-    model = _model()
+    model = _model(device="cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for backend in ("torch", "triton"):
         monkeypatch.setenv("KVFUSE_BACKEND", backend)
