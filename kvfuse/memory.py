@@ -35,9 +35,10 @@ import torch
 
 from kvfuse._checks import ANY_FLOAT, check_finite, check_instance, check_int, check_tensor
 from kvfuse._deps import require
+from kvfuse.paged import OutOfPages
 from kvfuse.rerotate import check_positions, rerotate_
 from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig, as_model_rope
-from kvfuse.threads import PagedKVStore, SegmentInfo, Sequence
+from kvfuse.store import PagedKVStore, PagedSequence, SegmentInfo
 
 __all__ = ["MemoryBlock", "model_identity", "save", "load", "insert"]
 
@@ -74,11 +75,12 @@ def model_identity(config) -> str:
     return f"{d.get('model_type', 'model')}-{digest}"
 
 
-def save(path: str, seq: Sequence, *, identity: str, segment: str | None = None, metadata: dict | None = None) -> None:
+def save(path: str, seq: PagedSequence, *, identity: str, segment: str | None = None,
+         metadata: dict | None = None) -> None:
     """Write the real tokens of ``seq`` (or only its segment named ``segment``) to ``path`` (safetensors).
 
     Args:
-        seq: a live `kvfuse.Sequence`; its store must carry a `RopeConfig`. Not modified.
+        seq: a live `kvfuse.PagedSequence`; its store must carry a `RopeConfig`. Not modified.
         identity: the model identity (`model_identity`), checked again on `load`/`insert`.
         metadata: extra string-convertible entries stored in the file header.
     """
@@ -131,12 +133,12 @@ def _check(block: MemoryBlock, identity, rope) -> None:
         raise ValueError(f"memory block RoPE config {block.rope} does not match {rope}")
 
 
-def insert(store: PagedKVStore, block: MemoryBlock, *, into: Sequence | None = None, position: int | None = None,
-           identity: str | None = None, name: str = "memory") -> Sequence:
+def insert(store: PagedKVStore, block: MemoryBlock, *, into: PagedSequence | None = None, position: int | None = None,
+           identity: str | None = None, name: str = "memory") -> PagedSequence:
     """Insert ``block`` into ``store`` at RoPE positions ``position, position + 1, ...``.
 
     The block's keys are re-rotated from their saved positions (`kvfuse.rerotate_`, on a copy in the
-    store's dtype) and written to fresh pages. With ``into=None`` it becomes a new `Sequence` (default
+    store's dtype) and written to fresh pages. With ``into=None`` it becomes a new `PagedSequence` (default
     position: where it was saved), usable as a prefix to `kvfuse.fork` or to continue. With ``into`` it
     is appended to that sequence as a segment that sees nothing of it, at ``position`` (default
     ``into.next_position``), and a new empty continuation segment that sees both is opened; ``into``
@@ -146,16 +148,16 @@ def insert(store: PagedKVStore, block: MemoryBlock, *, into: Sequence | None = N
         ValueError, TypeError: bad arguments (``into`` of another store, a position that is not an int
             or overflows, block K/V or positions of the wrong shape or dtype, non-finite K/V), or the
             RoPE config, identity or K/V shape of the block do not match the store.
-        RuntimeError: the store is out of pages.
+        OutOfPages: the store is out of pages.
         Nothing has changed when it raises.
     """
     check_instance("store", store, PagedKVStore)
     check_instance("block", block, MemoryBlock)
     if into is not None:
-        check_instance("into", into, Sequence)
+        check_instance("into", into, PagedSequence)
         if into.store is not store:
             raise ValueError("insert: into belongs to another store than store")
-        into._check_live()
+        into.check_live()
     if position is not None:
         position = check_int("position", position, lo=0, hi=MAX_POSITION)
     check_instance("name", name, str)
@@ -186,7 +188,7 @@ def insert(store: PagedKVStore, block: MemoryBlock, *, into: Sequence | None = N
         store.rope.check_movable()
     need = store.pages_for(n)  # with into, the block starts on a fresh page: no shared page is written
     if need > store.num_free:
-        raise RuntimeError(f"insert: out of pages ({need} needed, {store.num_free} free)")
+        raise OutOfPages(f"insert: out of pages ({need} needed, {store.num_free} free)")
     k = block.k.to(store.device, store.k_cache.dtype, copy=True)
     if n:  # the copy as a one-page pool; a backend that cannot run raises before the store changes
         dev = store.device

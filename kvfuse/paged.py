@@ -72,6 +72,10 @@ def write_kv_(cache: torch.Tensor, pages: torch.Tensor, start: int, values: torc
     return cache
 
 
+class OutOfPages(RuntimeError):
+    """A pool or store has fewer free pages than an operation needs; nothing was taken or written."""
+
+
 class PagePool:
     """K and V pools plus a free list of page ids.
 
@@ -107,7 +111,7 @@ class PagePool:
     def alloc(self, n: int) -> torch.Tensor:
         n = check_int("n", n, lo=0)
         if n > len(self._free):
-            raise RuntimeError(f"PagePool: out of pages (asked for {n}, {len(self._free)} free)")
+            raise OutOfPages(f"PagePool: out of pages (asked for {n}, {len(self._free)} free)")
         ids = [self._free.pop() for _ in range(n)]
         return torch.tensor(ids, dtype=torch.int32, device=self.k_cache.device)
 

@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import torch
 
-from kvfuse.threads import Sequence
+from kvfuse.store import PagedSequence
 
 __all__ = ["candidates", "first_tokens", "top_fraction", "union"]
 
 
-def _segments(seq: Sequence):
+def _segments(seq: PagedSequence):
     """(first real-token index, length, saw everything before) of every real segment."""
-    if not isinstance(seq, Sequence):
-        raise TypeError(f"seq must be a kvfuse.Sequence, got {type(seq).__name__}")
-    seq._check_live()
+    if not isinstance(seq, PagedSequence):
+        raise TypeError(f"seq must be a kvfuse.PagedSequence, got {type(seq).__name__}")
+    seq.check_live()
     out, start, before = [], 0, set()
     graph = seq.graph()
     for s in seq.segments:
@@ -54,14 +54,14 @@ def _segments(seq: Sequence):
     return out
 
 
-def candidates(seq: Sequence) -> torch.Tensor:
+def candidates(seq: PagedSequence) -> torch.Tensor:
     """int64 indices of the real tokens whose segment did not see every real segment before it (the
     tokens whose K/V a merge leaves different from the text merge's)."""
     parts = [torch.arange(a, a + n) for a, n, full in _segments(seq) if not full]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
-def first_tokens(seq: Sequence, k: int) -> torch.Tensor:
+def first_tokens(seq: PagedSequence, k: int) -> torch.Tensor:
     """The first ``k`` tokens of every segment that did not see everything before it."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
         raise ValueError(f"first_tokens: k must be an int >= 0, got {k!r}")
@@ -69,7 +69,7 @@ def first_tokens(seq: Sequence, k: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
-def top_fraction(seq: Sequence, scores: torch.Tensor, fraction: float) -> torch.Tensor:
+def top_fraction(seq: PagedSequence, scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """The candidates with the largest ``scores`` (one per real token, e.g. `kv_deviation`), at most
     ``fraction`` (in [0, 1]) of all the sequence's real tokens, ascending."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:

@@ -195,7 +195,7 @@ def _store(model, num_pages=64):
 def _snapshot(store, seqs, held_only):
     pools = [store.k_cache.clone(), store.v_cache.clone()]
     if held_only:  # only the slots of the sequences' tokens
-        slots = torch.cat([s._host_slots(0, s.length) for s in seqs])
+        slots = torch.cat([s.host_slots(0, s.length) for s in seqs])
         pools = [p.flatten(1, 2)[:, slots] for p in pools]
     return ([p.view(torch.int32) for p in pools], list(store.refcount), list(store._free),
             [(list(s.pages), list(s.segments), s.released) for s in seqs])

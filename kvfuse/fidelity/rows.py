@@ -225,7 +225,7 @@ def _store(model, task: Task, page_size: int, extra_tokens: int = 0):
 def prefill_threads(model, task: Task, *, page_size: int = 16):
     """kvfuse's path up to the merge: a `kvfuse.PagedKVStore` shaped for ``model`` (its dtype and
     device), the prefix through `hf.prefill`, `kvfuse.fork` into the task's threads, each thread
-    through `hf.prefill`. Returns ``(store, prefix, threads)`` (live `kvfuse.Sequence` objects).
+    through `hf.prefill`. Returns ``(store, prefix, threads)`` (live `kvfuse.PagedSequence` objects).
     ``model`` must run ``attn_implementation="kvfuse"`` (see `attention`)."""
     import kvfuse
     from kvfuse.integrations import hf

@@ -14,7 +14,7 @@ architectures, each exact against eager attention or refused by name (`tests/tes
   reach past the keys, packed sequences) on torch's SDPA; attention-logit soft-capping (Gemma 2) is
   computed on both paths.
 * With a `KVFuseCache` the K/V live in a `kvfuse.PagedKVStore`; each batch row is a
-  `kvfuse.Sequence` (a prefix, a thread, a merged sequence...), new tokens are appended to its pages
+  `kvfuse.PagedSequence` (a prefix, a thread, a merged sequence...), new tokens are appended to its pages
   and every layer runs ONE batched `kvfuse.attention` call over all rows with their segment masks
   (planned once per forward, reused by every layer), with the layer's sliding window (over RoPE
   positions) and soft-capping. `decode` and `prefill` wrap this; `model.generate` works on a
@@ -64,11 +64,13 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"kvfuse.integrations.hf needs transformers >= 5.10 ({e}): pip install 'kvfuse[hf]'") from e
 
 from kvfuse.attention import AttentionPlan, AttentionSpec, attention
+from kvfuse.batch import BatchPlan, batch_plan
 from kvfuse.compat import sdpa
 from kvfuse.integrations.hf_config import UnsupportedModel, cache_shape, unsupported_attention
-from kvfuse.paged import to_device_async
+from kvfuse.paged import OutOfPages, to_device_async
 from kvfuse.segments import Segment, SegmentGraph
-from kvfuse.threads import BatchPlan, PagedKVStore, Sequence, _check_rows, batch_plan
+from kvfuse.store import PagedKVStore, PagedSequence
+from kvfuse.threads import _check_rows
 
 __all__ = ["NAME", "KVFuseCache", "UnsupportedModel", "register", "attention_forward", "prefill", "decode", "repair",
            "kv_deviation"]
@@ -180,7 +182,7 @@ class KVFuseCache(Cache):
 
     Args:
         store: the paged store (shaped for the model: `PagedKVStore.from_hf`; same dtype/device).
-        rows: one live `kvfuse.Sequence` per batch row (distinct). New tokens are appended to them in
+        rows: one live `kvfuse.PagedSequence` per batch row (distinct). New tokens are appended to them in
             place (their pages and the store's pools are modified); a forward of ``q`` tokens appends
             ``q`` to each.
         hogwild: rows are sibling threads that also see each other's earlier tokens (`kvfuse.batch_plan`).
@@ -197,7 +199,7 @@ class KVFuseCache(Cache):
     restored and the earlier layers' writes lie in slots that no row holds.
     """
 
-    def __init__(self, store: PagedKVStore, rows: list[Sequence], *, hogwild: bool = False, config=None):
+    def __init__(self, store: PagedKVStore, rows: list[PagedSequence], *, hogwild: bool = False, config=None):
         super().__init__(layers=[])
         if not isinstance(store, PagedKVStore):
             raise TypeError(f"KVFuseCache: store must be a kvfuse.PagedKVStore, got {type(store).__name__}")
@@ -333,15 +335,15 @@ class KVFuseCache(Cache):
             _check_mask(attention_mask, q, self.rows[0].num_tokens, kwargs.get("sliding_window"))
         need = 0 if self._pending is not None else sum(r.pages_needed(q) for r in self.rows)
         if need > self.store.num_free:
-            raise RuntimeError(f"KVFuseCache: out of pages: this forward needs {need}, {self.store.num_free} free")
+            raise OutOfPages(f"KVFuseCache: out of pages: this forward needs {need}, {self.store.num_free} free")
 
     def _begin(self, q: int) -> None:
         """Reserve ``q`` slots per row and plan the step. Host work only: the slots and the plan's
         metadata reach the device in non-blocking copies (no synchronisation per step)."""
-        undo = [(list(r.pages), list(r.segments)) for r in self.rows]
+        undo = [r.snapshot() for r in self.rows]
         positions = self._positions(q)
         try:
-            slots = torch.cat([r._host_slots(r._grow(q), q) for r in self.rows])
+            slots = torch.cat([r.reserve(q, on_host=True) for r in self.rows])
             self._step = _Step(q, to_device_async(slots, self.store.device),
                                batch_plan(self.rows, q, hogwild=self.hogwild), positions, undo=undo)
         except Exception:
@@ -352,12 +354,8 @@ class KVFuseCache(Cache):
         """Put every row back as it was before the step: pages it took are released (in the reverse order
         of their allocation, so the free list is as before too), K/V it overwrote restored."""
         if step.undo is not None:
-            for r, (pages, segments) in reversed(list(zip(self.rows, step.undo))):
-                now = set(r.pages)
-                before = set(pages)
-                self.store.incref([p for p in pages if p not in now])  # a shared last page copied on write
-                self.store._unalloc([p for p in r.pages if p not in before])  # [copied page, new pages...]
-                r.pages, r.segments = pages, segments
+            for r, snapshot in reversed(list(zip(self.rows, step.undo))):
+                r.restore(snapshot)
         if step.backup is not None:
             k, v = step.backup
             self.store.k_cache.view(self.store.num_layers, -1, *k.shape[2:])[:, step.slots] = k
@@ -438,7 +436,7 @@ class KVFuseCache(Cache):
         return ((k - k0).flatten(1).norm(dim=1) + (v - v0).flatten(1).norm(dim=1)).cpu()
 
 
-def _sees_everything_before(seq: Sequence) -> SegmentGraph:
+def _sees_everything_before(seq: PagedSequence) -> SegmentGraph:
     """``seq``'s segments (with their positions) where every real segment sees all real segments
     before it: the mask of one causal pass over the sequence's tokens in its order (pads unseen)."""
     segs, before = [], []
@@ -520,14 +518,14 @@ register()
 
 # ---------------------------------------------------------------------- driving a model over sequences
 @torch.no_grad()
-def prefill(model, seq: Sequence, input_ids: torch.Tensor) -> torch.Tensor:
+def prefill(model, seq: PagedSequence, input_ids: torch.Tensor) -> torch.Tensor:
     """Append ``input_ids`` (``[1, n]``) to ``seq`` through ``model`` (``attn_implementation="kvfuse"``).
     Returns the logits ``[1, n, vocab]``; ``seq`` and its store are modified in place."""
     return decode(model, [seq], input_ids)
 
 
 @torch.no_grad()
-def decode(model, rows: list[Sequence], input_ids: torch.Tensor, *, hogwild: bool = False) -> torch.Tensor:
+def decode(model, rows: list[PagedSequence], input_ids: torch.Tensor, *, hogwild: bool = False) -> torch.Tensor:
     """One forward of ``input_ids`` (``[B, q]``, row b continues ``rows[b]``) as ONE batch: every layer
     runs one `kvfuse.attention` call over all rows with their segment masks. Returns logits
     ``[B, q, vocab]``; the rows grow by ``q`` tokens (in place)."""
@@ -546,7 +544,7 @@ def _one_logit(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def _check_repair_args(model, seq: Sequence, token_ids: torch.Tensor) -> Sequence:
+def _check_repair_args(model, seq: PagedSequence, token_ids: torch.Tensor) -> PagedSequence:
     seq = _check_rows("repair", [seq], "seq")[0]
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1 or token_ids.dtype not in (torch.int32,
                                                                                                  torch.int64):
@@ -560,7 +558,7 @@ def _check_repair_args(model, seq: Sequence, token_ids: torch.Tensor) -> Sequenc
     return seq
 
 
-def _real_to_storage(seq: Sequence, tokens, what: str) -> torch.Tensor:
+def _real_to_storage(seq: PagedSequence, tokens, what: str) -> torch.Tensor:
     """Real-token indices (pads excluded) -> sorted distinct storage indices, validated."""
     if isinstance(tokens, torch.Tensor):
         if tokens.dim() != 1 or tokens.dtype not in (torch.int32, torch.int64):
@@ -580,7 +578,7 @@ def _real_to_storage(seq: Sequence, tokens, what: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def repair(model, seq: Sequence, token_ids: torch.Tensor, tokens) -> int:
+def repair(model, seq: PagedSequence, token_ids: torch.Tensor, tokens) -> int:
     """Recompute, in place, the K/V of chosen tokens of ``seq`` at every layer, each token seeing
     every token before it in ``seq``'s order (CacheBlend / EPIC-style selective recompute after a
     merge). One forward of the chosen tokens through ``model`` (``attn_implementation="kvfuse"``):
@@ -591,7 +589,7 @@ def repair(model, seq: Sequence, token_ids: torch.Tensor, tokens) -> int:
     pass over the concatenated tokens) exactly; fewer tokens trade cost for fidelity.
 
     Args:
-        seq: a live `kvfuse.Sequence` (e.g. from `kvfuse.merge`). Its pages are written in place (only
+        seq: a live `kvfuse.PagedSequence` (e.g. from `kvfuse.merge`). Its pages are written in place (only
             the chosen tokens' slots); its segments and positions do not change.
         token_ids: int ``[seq.num_tokens]``: the id of every real token of ``seq``, in order.
         tokens: indices (into the real tokens, pads excluded) of the tokens to recompute; duplicates
@@ -614,7 +612,7 @@ def repair(model, seq: Sequence, token_ids: torch.Tensor, tokens) -> int:
 
 
 @torch.no_grad()
-def kv_deviation(model, seq: Sequence, token_ids: torch.Tensor, *, layer: int = 1) -> torch.Tensor:
+def kv_deviation(model, seq: PagedSequence, token_ids: torch.Tensor, *, layer: int = 1) -> torch.Tensor:
     """How far each real token's stored K/V at ``layer`` are from what it would get seeing every token
     before it (float32 ``[seq.num_tokens]``: the norm of the K difference plus that of the V
     difference, over heads). CacheBlend's selection signal: one forward of every token through the

@@ -249,7 +249,8 @@ def _configs(decode: bool, head_dim: int):
         cfgs = [(4, 4), (4, 3), (8, 3)]
     elif head_dim <= 64:
         cfgs = [(4, 3), (4, 4), (8, 3)]
-    elif head_dim <= 128:  # H200, 128x128 tiles: (8, 4) best with TMA, (8, 2) without (bench/results/2026-11-22-h200-session2/prefill_sweep.md)
+    elif head_dim <= 128:  # H200, 128x128 tiles: (8, 4) best with TMA, (8, 2) without
+        # (bench/results/2026-11-22-h200-session2/prefill_sweep.md)
         cfgs = [(8, 4), (8, 3), (8, 2)]
     else:
         cfgs = [(8, 2), (4, 2), (8, 3)]
