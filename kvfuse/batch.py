@@ -1,16 +1,6 @@
 """Batched attention over several sequences of one store: the plan of one `kvfuse.attention` call
-per layer for a decode (or prefill) step of many rows (sibling threads, merged sequences).
-
-Example:
-    >>> import torch, kvfuse
-    >>> store = kvfuse.PagedKVStore(1, 16, 4, 1, 8)
-    >>> p = store.sequence(); _ = p.append_kv(torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8))
-    >>> ts = kvfuse.fork(p, 2)
-    >>> for t in ts: _ = t.append_kv(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
-    >>> bp = kvfuse.batch_plan(ts, 1)
-    >>> tuple(bp.block_table.shape), bp.plan.total_q
-    ((2, 3), 2)
-"""
+per layer for a decode (or prefill) step of many rows (sibling threads, merged sequences); see
+`batch_plan` for an example."""
 
 from __future__ import annotations
 

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 import kvfuse
 from kvfuse import Segment, SegmentGraph
-from kvfuse.attention import EMPTY, FULL, PARTIAL
+from kvfuse.attention import EMPTY, FULL
 from kvfuse.reference import segment_attention as ref_attention
 from tests.conftest import device_for, pool_randn, skip_unless_supported
+from tests.test_plan import brute_tiles
 
 
 def _shared_layout(prefix=37, threads=(19, 0, 40), join=9):
@@ -40,18 +41,6 @@ def graphs(draw):
     return SegmentGraph(segs)
 
 
-def _brute(g, q_tokens, bq, bk, window):
-    n = g.num_tokens
-    m = g.dense_mask(q_tokens, torch.arange(n), window=window)
-    nqt, nkt = -(-q_tokens.numel() // bq), -(-n // bk)
-    out = torch.empty(nqt, nkt, dtype=torch.int8)
-    for i in range(nqt):
-        for j in range(nkt):
-            t = m[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
-            out[i, j] = FULL if bool(t.all()) else PARTIAL if bool(t.any()) else EMPTY
-    return out, int(m.sum())
-
-
 @settings(max_examples=80, deadline=None)
 @given(g=graphs(), bq=st.sampled_from([1, 4, 16]), bk=st.sampled_from([1, 8, 16]),
        window=st.one_of(st.none(), st.integers(1, 40)), data=st.data())
@@ -69,7 +58,7 @@ def test_classification_is_safe_and_pairs_exact(g, bq, bk, window, data):
         spec = kvfuse.AttentionSpec([g], q_lens=[q_len])
         qt = torch.arange(n - q_len, n)
     p = kvfuse.plan(spec)
-    want, pairs = _brute(g, qt, bq, bk, window)
+    want, pairs = brute_tiles(g, qt, bq, bk, window)
     got = p.tiles(bq, bk, window).kinds[0]
     assert not bool(((got == FULL) & (want != FULL)).any()), "a tile marked FULL has invisible pairs"
     assert not bool(((got == EMPTY) & (want != EMPTY)).any()), "a tile marked EMPTY has visible pairs"

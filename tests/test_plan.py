@@ -23,10 +23,11 @@ def graphs(draw):
     return g
 
 
-def _brute(g, q_len, bq, bk):
+def brute_tiles(g, q_tokens, bq, bk, window=None):
+    """The tile kinds and the visible-pair count of queries ``q_tokens`` from the dense mask."""
     n = g.num_tokens
-    m = g.dense_mask(torch.arange(n - q_len, n), torch.arange(n))
-    nqt, nkt = -(-q_len // bq), -(-n // bk)
+    m = g.dense_mask(q_tokens, torch.arange(n), window=window)
+    nqt, nkt = -(-q_tokens.numel() // bq), -(-n // bk)
     out = torch.empty(nqt, nkt, dtype=torch.int8)
     for i in range(nqt):
         for j in range(nkt):
@@ -40,7 +41,7 @@ def _brute(g, q_len, bq, bk):
 def test_tile_classification_matches_dense_mask(g, bq, bk, data):
     q_len = data.draw(st.integers(1, g.num_tokens))
     p = kvfuse.plan(kvfuse.AttentionSpec([g], q_lens=[q_len]))
-    want, pairs = _brute(g, q_len, bq, bk)
+    want, pairs = brute_tiles(g, torch.arange(g.num_tokens - q_len, g.num_tokens), bq, bk)
     assert torch.equal(p.tiles(bq, bk).kinds[0], want)
     assert p.visible_pairs() == pairs
 
