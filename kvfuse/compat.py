@@ -170,6 +170,24 @@ def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     return torch.matmul(p, value)
 
 
+def _flash_window(window_size, causal: bool, q_len: int) -> int | None:
+    """flash-attn's ``window_size=(left, right)`` as kvfuse's window (``left + 1`` positions), where it
+    can be: causal queries (or one query, which has no keys to its right) with any ``left``."""
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"flash_attn_with_kvcache: window_size must be a pair of ints (-1: unbounded), got "
+                         f"{window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"flash_attn_with_kvcache: window_size entries must be >= -1, got {window_size!r}")
+    if (left, right) == (-1, -1) or ((causal or q_len == 1) and left == -1):
+        return None
+    if not (causal or q_len == 1):
+        raise NotImplementedError("flash_attn_with_kvcache: a bounded window_size needs causal=True (or one query): "
+                                  "kvfuse's sliding window bounds keys on the left only")
+    return left + 1
+
+
 def _rotate_at(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
     """Rotate ``x`` ``[B, n, H, D]`` at integer positions ``pos`` ``[B, n]`` with flash-attn tables."""
     c, s = cos[pos.long()], sin[pos.long()]
@@ -201,8 +219,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             sees all ``Lk`` keys. As in flash-attn, a query that sees no key gets a zero output and an
             LSE of +inf.
         return_softmax_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]`` (natural log).
-        cache_leftpad, window_size, softcap, alibi_slopes: only their defaults are supported
-            (``NotImplementedError`` otherwise); num_splits is ignored.
+        window_size: ``(left, right)``, flash-attn's local attention: query i sees keys
+            ``[i + Lk - Lq - left, i + Lk - Lq + right]``; -1 is unbounded. Supported with ``causal``
+            (or one query): ``left`` becomes kvfuse's sliding window of ``left + 1`` positions
+            (``NotImplementedError`` for a bounded window of non-causal queries).
+        softcap: attention-logit soft-capping (``softcap * tanh(s / softcap)``); 0 is off.
+        cache_leftpad, alibi_slopes: only their defaults are supported (``NotImplementedError``
+            otherwise); num_splits is ignored.
     Returns:
         ``out`` ``[B, Lq, Hq, D]`` (q's dtype), or ``(out, lse)``. Every argument is checked before
         ``k``/``v`` are written.
@@ -217,9 +240,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         >>> out.shape                                             # k/v were written at 5 and 20
         torch.Size([2, 1, 4, 32])
     """
-    if cache_leftpad is not None or tuple(window_size) != (-1, -1) or softcap or alibi_slopes is not None:
-        raise NotImplementedError("flash_attn_with_kvcache: cache_leftpad, window_size, softcap and alibi_slopes "
+    if cache_leftpad is not None or alibi_slopes is not None:
+        raise NotImplementedError("flash_attn_with_kvcache: cache_leftpad and alibi_slopes "
                                   "are not supported by kvfuse")
+    window = _flash_window(window_size, causal, q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:
+        raise ValueError(f"flash_attn_with_kvcache: softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: pass both k and v, or neither")
     if rotary_cos is not None and k is None:
@@ -352,7 +378,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         idx = torch.tensor(sel, device=dev)
         tt = table if t_rows == list(range(b)) else table[torch.tensor(t_rows, device=dev)]
         o, lse_sel = attention((qq if every else qq[idx]).contiguous(), k_pool, v_pool, tt.contiguous(), p,
-                               sm_scale=scale, return_lse=True, backend=backend)
+                               sm_scale=scale, softcap=float(softcap), window=window, return_lse=True,
+                               backend=backend)
         if every:
             out, lse = o, lse_sel
         else:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import kvfuse
 from kvfuse import Segment, SegmentGraph
+from tests.conftest import device_for
 
 ATOL = RTOL = 1e-5  # float32 in and out, float32 math inside on values of order 1
 
@@ -193,9 +194,15 @@ def test_flash_attn_with_kvcache_semantics(case):
 
 
 def test_flash_attn_unsupported_options():
-    q, kc, vc = torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
-    with pytest.raises(NotImplementedError):
+    q, kc, vc = torch.randn(1, 2, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    with pytest.raises(NotImplementedError, match="causal"):  # a bounded window of non-causal queries
         kvfuse.flash_attn_with_kvcache(q, kc, vc, window_size=(2, 0))
+    with pytest.raises(ValueError, match="window_size"):
+        kvfuse.flash_attn_with_kvcache(q, kc, vc, window_size=(-2, 0), causal=True)
+    with pytest.raises(ValueError, match="softcap"):
+        kvfuse.flash_attn_with_kvcache(q, kc, vc, softcap=-1.0)
+    with pytest.raises(NotImplementedError, match="alibi"):
+        kvfuse.flash_attn_with_kvcache(q, kc, vc, alibi_slopes=torch.ones(2))
     with pytest.raises(ValueError, match="both k and v"):
         kvfuse.flash_attn_with_kvcache(q, kc, vc, k=torch.randn(1, 1, 2, 8))
 
@@ -227,3 +234,34 @@ def test_flash_attn_with_kvcache_against_flash_attn(causal):
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # fp16: a few roundings (conftest TOL)
     torch.testing.assert_close(got_lse, want_lse, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(kc2, kc, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("left,softcap,q_len", [(3, 0.0, 4), (0, 0.0, 2), (5, 2.0, 3), (-1, 1.5, 3), (2, 0.0, 1)],
+                         ids=["window3", "window0", "window5-softcap2", "softcap1.5", "window2-one-query"])
+def test_flash_attn_with_kvcache_window_and_softcap(backend, left, softcap, q_len):
+    """flash-attn's local attention (query i sees keys [i + Lk - Lq - left, i + Lk - Lq]) and
+    soft-capping, against a float64 computation written out."""
+    dev = device_for(backend)
+    if backend == "cuda":
+        pytest.skip("fp32 inputs: the CUDA kernel takes fp16 / bf16 (its window and soft-cap: test_attention_options)")
+    torch.manual_seed(3)
+    b, hq, hkv, d, cap = 2, 4, 2, 16, 24
+    q = torch.randn(b, q_len, hq, d, device=dev)
+    kc, vc = torch.randn(2, b, cap, hkv, d, device=dev).unbind(0)
+    lens = torch.tensor([11, 20], dtype=torch.int32, device=dev)
+    out, lse = kvfuse.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, window_size=(left, 0),
+                                              softcap=softcap, return_softmax_lse=True, backend=backend)
+    for r in range(b):
+        n = int(lens[r])
+        kk = kc[r, :n].double().repeat_interleave(hq // hkv, 1)
+        vv = vc[r, :n].double().repeat_interleave(hq // hkv, 1)
+        s = torch.einsum("qhd,khd->hqk", q[r].double(), kk) / math.sqrt(d)
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        i = torch.arange(q_len, device=dev)[:, None] + n - q_len
+        j = torch.arange(n, device=dev)[None]
+        vis = (j <= i) & ((j >= i - left) if left >= 0 else True)
+        s = s.masked_fill(~vis, float("-inf"))
+        want = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vv)
+        torch.testing.assert_close(out[r].double(), want, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(lse[r].double(), torch.logsumexp(s, -1), atol=ATOL, rtol=RTOL)
