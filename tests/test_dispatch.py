@@ -48,8 +48,16 @@ def test_available_reports_every_backend():
 
 
 def test_ops_are_registered_with_torch_library():
-    for name in ("rerotate_", "compose_copy_", "segment_attention", "merge_states"):
-        assert hasattr(torch.ops.kvfuse, name)
+    """torch.ops.kvfuse.* run (the registered ops, as torch.compile sees them), here on the torch backend."""
+    k, s, cfg = _args()
+    want = k.clone()
+    kvfuse.rerotate_(want, s, s, s + 5, cfg, backend="torch")
+    cos, sin, idx = cfg.rotation_tables(torch.full_like(s, 5))
+    got = k.clone()
+    torch.ops.kvfuse.rerotate_(got, s, idx, cos, sin, cfg.rotary_dim, cfg.interleaved, "torch")
+    assert torch.equal(got, want) and not torch.equal(got, k)
+    for name in ("compose_copy_", "segment_attention", "merge_states"):
+        assert isinstance(getattr(torch.ops.kvfuse, name), torch._ops.OpOverloadPacket)
 
 
 def test_rerotate_under_torch_compile():
