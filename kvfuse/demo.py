@@ -54,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--backend", default=None, help="auto (default), cuda, triton or torch")
     args = ap.parse_args(argv)
     transformers = require("transformers", "kvfuse.demo")
+    from kvfuse.integrations import hf
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -75,7 +76,7 @@ def main(argv=None):
                            num_layers=args.layers, dtype=dtype, device=dev)
     with torch.no_grad():
         out = model(ids[0][None], position_ids=torch.arange(P, device=dev)[None], use_cache=True)
-        prefix_kv = _layers(out.past_key_values)
+        prefix_kv = _layers(hf.output_cache(out))
         seqs = []
         for kv, n in [(prefix_kv, P)]:
             pages = pool.alloc(pool.pages_for(n))
@@ -86,8 +87,9 @@ def main(argv=None):
             cache = transformers.DynamicCache(config=cfg)
             for i, (k, v) in enumerate(prefix_kv):
                 cache.update(k.clone(), v.clone(), i)
-            o = model(ids[1 + t][None], position_ids=torch.arange(P, P + n, device=dev)[None], past_key_values=cache)
-            kv = [(k[:, :, P:], v[:, :, P:]) for k, v in _layers(o.past_key_values)]
+            o = model(ids[1 + t][None], position_ids=torch.arange(P, P + n, device=dev)[None],
+                      **hf.cache_kwargs(model, cache))
+            kv = [(k[:, :, P:], v[:, :, P:]) for k, v in _layers(hf.output_cache(o))]
             pages = pool.alloc(pool.pages_for(n))
             kvfuse.write_kv_(pool.k_cache, pages, 0, torch.stack([k[0].transpose(0, 1) for k, _ in kv]))
             kvfuse.write_kv_(pool.v_cache, pages, 0, torch.stack([v[0].transpose(0, 1) for _, v in kv]))
@@ -115,7 +117,7 @@ def main(argv=None):
                              use_cache=True)
 
         ref, t_ref = _timed(reprefill, dev)
-        ref_kv = _layers(ref.past_key_values)
+        ref_kv = _layers(hf.output_cache(ref))
         got_k = kvfuse.gather_kv(pool.k_cache, composed.pages, composed.length)
         got_v = kvfuse.gather_kv(pool.v_cache, composed.pages, composed.length)
         checked = range(args.layers) if layout == "shared" else [0]  # see README: sequential is exact at layer 0

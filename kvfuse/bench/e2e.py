@@ -75,6 +75,8 @@ def _layers(cache):
 def make_state(ctx: Ctx, model, cfg, P: int, T: int, L: int, page: int, seed: int = 0) -> dict:
     import transformers
 
+    from kvfuse.integrations import hf
+
     dev, base = ctx.device, model.model
     gen = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).to(dev) for n in [P] + [L] * T]
@@ -93,16 +95,16 @@ def make_state(ctx: Ctx, model, cfg, P: int, T: int, L: int, page: int, seed: in
 
     with torch.no_grad():
         out = base(ids[0][None], position_ids=torch.arange(P, device=dev)[None], use_cache=True)
-        prefix_kv = _layers(out.past_key_values)
+        prefix_kv = _layers(hf.output_cache(out))
         del out
         seqs = [put(prefix_kv, P)]
         for t in range(T):
             cache = transformers.DynamicCache(config=cfg)
             for i, (k, v) in enumerate(prefix_kv):
                 cache.update(k.clone(), v.clone(), i)
-            o = base(ids[1 + t][None], position_ids=torch.arange(P, P + L, device=dev)[None], past_key_values=cache,
-                     use_cache=True)
-            seqs.append(put([(k[:, :, P:], v[:, :, P:]) for k, v in _layers(o.past_key_values)], L))
+            o = base(ids[1 + t][None], position_ids=torch.arange(P, P + L, device=dev)[None], use_cache=True,
+                     **hf.cache_kwargs(base, cache))
+            seqs.append(put([(k[:, :, P:], v[:, :, P:]) for k, v in _layers(hf.output_cache(o))], L))
             del o, cache
         del prefix_kv
     graph = SegmentGraph.fork_join(P, [L] * T)
@@ -129,9 +131,11 @@ def _composed(st, composed):
 
 
 def _reprefill_kv(st):
+    from kvfuse.integrations import hf
+
     with torch.no_grad():
         out = st["model"].model(st["ids"], position_ids=st["positions"], attention_mask=st["mask"], use_cache=True)
-    kv = _layers(out.past_key_values)
+    kv = _layers(hf.output_cache(out))
     return (torch.stack([kv[i][0][0].transpose(0, 1) for i in st["checked"]]),
             torch.stack([kv[i][1][0].transpose(0, 1) for i in st["checked"]]))
 

@@ -149,7 +149,7 @@ def _check(ctx: Ctx, hf, policy, model, threads, ids: torch.Tensor, start: int, 
         hf.repair(model, merged, ids.cpu(), policy.first_tokens(merged, k))
         got_k, got_v = merged.gather()
         model.set_attn_implementation("sdpa")
-        cache = model(ids[None], use_cache=True).past_key_values
+        cache = hf.output_cache(model(ids[None], use_cache=True))
         model.set_attn_implementation("kvfuse")
         err = 0.0
         for layer, lay in enumerate(cache.layers):

@@ -179,11 +179,10 @@ def reading_task(tok, T: int, seed: int) -> Task:
 
 
 def cache_kwargs(model, cache) -> dict:
-    """``{keyword: cache}`` for ``model.forward``: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    import inspect
+    """``{keyword: cache}`` for ``model.forward`` (`kvfuse.integrations.hf.cache_kwargs`)."""
+    from kvfuse.integrations.hf import cache_kwargs as _cache_kwargs
 
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {key: cache}
+    return _cache_kwargs(model, cache)
 
 
 @torch.no_grad()

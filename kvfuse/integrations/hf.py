@@ -73,12 +73,25 @@ from kvfuse.store import PagedKVStore, PagedSequence
 from kvfuse.threads import _check_rows
 
 __all__ = ["NAME", "KVFuseCache", "UnsupportedModel", "register", "attention_forward", "prefill", "decode", "repair",
-           "kv_deviation"]
+           "kv_deviation", "cache_kwargs", "output_cache"]
 
 NAME = "kvfuse"
 
 # The keyword models take their cache by: ``cache`` (transformers >= 5.24), formerly ``past_key_values``.
 CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The cache a model's forward returned: ``out.cache`` (transformers >= 5.24), formerly
+    ``out.past_key_values``."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{keyword: cache}`` for ``model(...)``: the keyword this model's forward takes its cache by."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values" if "past_key_values" in params else CACHE_KW: cache}
 
 # Attention arguments models pass that do not change what the attention computes (bookkeeping, or
 # packing information that transformers also turns into the mask).
