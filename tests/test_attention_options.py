@@ -17,7 +17,7 @@ from kvfuse import Segment, SegmentGraph
 from kvfuse.attention import EMPTY, FULL
 from kvfuse.reference import segment_attention as ref_attention
 from tests.conftest import device_for, pool_randn, skip_unless_supported
-from tests.test_plan import brute_tiles
+from tests.test_plan import brute_tiles, graphs
 
 
 def _shared_layout(prefix=37, threads=(19, 0, 40), join=9):
@@ -28,21 +28,8 @@ def _shared_layout(prefix=37, threads=(19, 0, 40), join=9):
     return SegmentGraph(segs)
 
 
-@st.composite
-def graphs(draw):
-    n = draw(st.integers(1, 6))
-    segs = []
-    for i in range(n):
-        parents = draw(st.lists(st.integers(0, i - 1), max_size=3, unique=True)) if i else []
-        pos = draw(st.one_of(st.none(), st.integers(0, 60)))
-        segs.append(Segment(f"s{i}", draw(st.integers(0, 30)), tuple(f"s{p}" for p in parents), pos))
-    if sum(s.length for s in segs) == 0:
-        segs.append(Segment("tail", 3))
-    return SegmentGraph(segs)
-
-
 @settings(max_examples=80, deadline=None)
-@given(g=graphs(), bq=st.sampled_from([1, 4, 16]), bk=st.sampled_from([1, 8, 16]),
+@given(g=graphs(6, 30, positions=True), bq=st.sampled_from([1, 4, 16]), bk=st.sampled_from([1, 8, 16]),
        window=st.one_of(st.none(), st.integers(1, 40)), data=st.data())
 def test_classification_is_safe_and_pairs_exact(g, bq, bk, window, data):
     """FULL only where every pair is visible, EMPTY only where none is (exact for the last q_len tokens

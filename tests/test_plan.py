@@ -11,16 +11,17 @@ from kvfuse.attention import EMPTY, FULL, PARTIAL
 
 
 @st.composite
-def graphs(draw):
-    n = draw(st.integers(1, 7))
+def graphs(draw, max_segments=7, max_len=40, positions=False):
+    """Random segment DAGs (never empty of tokens); with ``positions``, segments at random positions."""
+    n = draw(st.integers(1, max_segments))
     segs = []
     for i in range(n):
         parents = draw(st.lists(st.integers(0, i - 1), max_size=3, unique=True)) if i else []
-        segs.append(Segment(f"s{i}", draw(st.integers(0, 40)), tuple(f"s{p}" for p in parents)))
-    g = SegmentGraph(segs)
-    if g.num_tokens == 0:
-        g = SegmentGraph(segs + [Segment("tail", 3)])
-    return g
+        pos = draw(st.one_of(st.none(), st.integers(0, 60))) if positions else None
+        segs.append(Segment(f"s{i}", draw(st.integers(0, max_len)), tuple(f"s{p}" for p in parents), pos))
+    if sum(s.length for s in segs) == 0:
+        segs.append(Segment("tail", 3))
+    return SegmentGraph(segs)
 
 
 def brute_tiles(g, q_tokens, bq, bk, window=None):
