@@ -78,15 +78,16 @@ def _(k_cache, v_cache, src_slots, dst_slots, table_idx, cos, sin, rotary_dim, i
 def _segment_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, kv_lens: Tensor,
                        qo_indptr: Tensor, token_seg: Tensor, ancestors: Tensor, q_token: Tensor, token_pos: Tensor,
                        work_seq: Tensor, work_qtile: Tensor, kt_indptr: Tensor, kt_index: Tensor, kt_full: Tensor,
-                       block_q: int, block_k: int, sm_scale: float, softcap: float, window: int,
-                       backend: str) -> tuple[Tensor, Tensor]:
+                       kt_order: Tensor, n_full: Tensor, block_q: int, block_k: int, sm_scale: float, softcap: float,
+                       window: int, backend: str) -> tuple[Tensor, Tensor]:
     """``window`` 0: no sliding window; ``softcap`` 0: no soft-capping."""
     fn = implementation("segment_attention", backend)
     if backend == "torch":
         return fn(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, sm_scale,
                   q_token=q_token, token_pos=token_pos, window=window or None, softcap=softcap)
     return fn(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, q_token, token_pos,
-              work_seq, work_qtile, kt_indptr, kt_index, kt_full, block_q, block_k, sm_scale, softcap, window)
+              work_seq, work_qtile, kt_indptr, kt_index, kt_full, kt_order, n_full, block_q, block_k, sm_scale,
+              softcap, window)
 
 
 _segment_attention_op = torch.library.custom_op("kvfuse::segment_attention", _segment_attention, mutates_args=())
@@ -94,7 +95,7 @@ _segment_attention_op = torch.library.custom_op("kvfuse::segment_attention", _se
 
 @_segment_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, q_token, token_pos, work_seq,
-      work_qtile, kt_indptr, kt_index, kt_full, block_q, block_k, sm_scale, softcap, window, backend):
+      work_qtile, kt_indptr, kt_index, kt_full, kt_order, n_full, block_q, block_k, sm_scale, softcap, window, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 

@@ -45,7 +45,10 @@ class TileMap:
 
     A work item is one query tile of one sequence (``work_seq``, ``work_qtile``); its key tiles are
     ``kt_index[kt_indptr[w]:kt_indptr[w+1]]``, ascending, with ``kt_full`` 1 where the whole tile is
-    visible (no element mask needed) and 0 where it is partial.
+    visible (no element mask needed) and 0 where it is partial. ``kt_order`` lists the same tiles of
+    each work item with its ``n_full[w]`` full ones first (a full tile that runs past the sequence's
+    end counts as partial there), for kernels that run one branch-free loop over the full tiles and
+    one masked loop over the rest.
     """
 
     block_q: int
@@ -55,6 +58,8 @@ class TileMap:
     kt_indptr: torch.Tensor
     kt_index: torch.Tensor
     kt_full: torch.Tensor
+    kt_order: torch.Tensor
+    n_full: torch.Tensor
     kinds: list  # per sequence: int8 [num_qtiles, num_ktiles] of EMPTY / FULL / PARTIAL (CPU)
 
 
@@ -236,24 +241,30 @@ class AttentionPlan:
         for g, qs in self._classes:
             k = _classify(g, qs, bq, bk, window)
             nz = k != EMPTY
-            per_class.append((k, nz.sum(1).to(torch.int32), torch.nonzero(nz)[:, 1].to(torch.int32),
-                              (k[nz] == FULL).to(torch.int32)))
-        ws, wq, counts, idx, full, kinds = [], [], [], [], [], []
+            idx = torch.nonzero(nz)[:, 1]
+            full = k[nz] == FULL
+            # full-first order within each query tile: a full tile past the sequence's end is masked there
+            clean = full & ((idx + 1) * bk <= g.num_tokens)
+            qt = torch.nonzero(nz)[:, 0]
+            order = torch.sort(qt * 2 + (~clean).long(), stable=True).indices
+            n_full = torch.zeros(k.shape[0], dtype=torch.int32).index_add_(0, qt, clean.to(torch.int32))
+            per_class.append((k, nz.sum(1).to(torch.int32), idx.to(torch.int32), full.to(torch.int32),
+                              idx[order].to(torch.int32), n_full))
+        ws, wq, counts, idx, full, order, n_full, kinds = ([] for _ in range(8))
         for b, c in enumerate(self._row_class):
-            k, cnt, ix, fl = per_class[c]
+            k, cnt, ix, fl, od, nf = per_class[c]
             ws.append(torch.full((k.shape[0],), b, dtype=torch.int32))
             wq.append(torch.arange(k.shape[0], dtype=torch.int32))
-            counts.append(cnt)
-            idx.append(ix)
-            full.append(fl)
+            for out, x in ((counts, cnt), (idx, ix), (full, fl), (order, od), (n_full, nf)):
+                out.append(x)
             kinds.append(k)
-        ws, wq, counts, idx, full = (torch.cat(x) for x in (ws, wq, counts, idx, full))
+        ws, wq, counts, idx, full, order, n_full = (torch.cat(x) for x in (ws, wq, counts, idx, full, order, n_full))
         indptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
         indptr[1:] = counts.cumsum(0)
-        buf = to_device_async(torch.cat([ws, wq, indptr, idx, full]), self.device)
+        buf = to_device_async(torch.cat([ws, wq, indptr, idx, full, order, n_full]), self.device)
         n_w, n_k = ws.numel(), idx.numel()
-        ws, wq, indptr, idx, full = torch.split(buf, (n_w, n_w, n_w + 1, n_k, n_k))
-        return TileMap(bq, bk, ws, wq, indptr, idx, full.to(torch.int8), kinds)
+        ws, wq, indptr, idx, full, order, n_full = torch.split(buf, (n_w, n_w, n_w + 1, n_k, n_k, n_k, n_w))
+        return TileMap(bq, bk, ws, wq, indptr, idx, full.to(torch.int8), order, n_full, kinds)
 
 
 def plan(spec: AttentionSpec) -> AttentionPlan:
@@ -415,16 +426,21 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
 
     b = choose("segment_attention", backend, q=q, k_cache=k_cache, plan=plan)
     tile_shape = meta("segment_attention", b).get("tile_shape")
-    if tile_shape is None:
-        e = torch.empty(0, dtype=torch.int32, device=q.device)
-        tm_args = (e, e, e, e, e.to(torch.int8), 0, 0)
-    else:
-        tm = plan.tiles(*tile_shape(d, plan.max_q), window)
-        tm_args = (tm.work_seq, tm.work_qtile, tm.kt_indptr, tm.kt_index, tm.kt_full, tm.block_q, tm.block_k)
+    tm_args = tile_args(plan.tiles(*tile_shape(d, plan.max_q), window) if tile_shape else None, q.device)
     out, lse = _ops.segment_attention_op(q, k_cache, v_cache, block_table, plan.kv_lens, plan.qo_indptr,
                                          plan.token_seg, plan.ancestors, plan.q_token, plan.token_pos, *tm_args,
                                          sm_scale, float(softcap), window or 0, b)
     return (out, lse) if return_lse else out
+
+
+def tile_args(tm: TileMap | None, device=None) -> tuple:
+    """The tile map's arguments of the ``segment_attention`` op, in order (empty ones on ``device`` for a
+    backend that reads no tile map)."""
+    if tm is None:
+        e = torch.empty(0, dtype=torch.int32, device=device)
+        return e, e, e, e, e.to(torch.int8), e, e, 0, 0
+    return (tm.work_seq, tm.work_qtile, tm.kt_indptr, tm.kt_index, tm.kt_full, tm.kt_order, tm.n_full, tm.block_q,
+            tm.block_k)
 
 
 def lse_to_base2(lse: torch.Tensor) -> torch.Tensor:

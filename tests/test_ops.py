@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kvfuse
 from kvfuse import Segment, SegmentGraph, _ops
+from kvfuse.attention import tile_args
 from tests.conftest import device_for, skip_unless_supported
 
 # opcheck's own tests; test_aot_dispatch_dynamic needs a compiler toolchain on CPU, the others do not
@@ -39,9 +40,7 @@ def test_opcheck_segment_attention(backend, dtype):
     skip_unless_supported("segment_attention", backend, q=q, k_cache=k, plan=p)
     meta = kvfuse.dispatch.meta("segment_attention", backend).get("tile_shape")
     tm = p.tiles(*meta(64, p.max_q), 9) if meta else None
-    tiles = (tm.work_seq, tm.work_qtile, tm.kt_indptr, tm.kt_index, tm.kt_full, tm.block_q, tm.block_k) if tm else \
-        tuple(torch.empty(0, dtype=torch.int32, device=dev) for _ in range(4)) + \
-        (torch.empty(0, dtype=torch.int8, device=dev), 0, 0)
+    tiles = tile_args(tm, dev)
     args = (q, k, v, bt, p.kv_lens, p.qo_indptr, p.token_seg, p.ancestors, p.q_token, p.token_pos, *tiles, 0.125,
             2.0, 9, backend)
     torch.library.opcheck(_ops.segment_attention_op.op, args, test_utils=OPCHECK)

@@ -119,3 +119,20 @@ def test_large_plan_classifies_tiles_not_elements():
 def test_segment_parents_string_is_rejected():
     with pytest.raises(TypeError, match="parents"):
         Segment("t", 2, "prefix")
+
+
+@settings(max_examples=40, deadline=None)
+@given(graph=graphs(), bq=st.sampled_from([1, 4, 16]), bk=st.sampled_from([4, 16]))
+def test_full_first_order_lists_each_work_items_tiles_full_first(graph, bq, bk):
+    """kt_order holds exactly each work item's key tiles, its n_full full ones (not past the end) first."""
+    p = kvfuse.plan(kvfuse.AttentionSpec([graph]))
+    tm = p.tiles(bq, bk)
+    n = graph.num_tokens
+    for w in range(tm.work_seq.numel()):
+        lo, hi = int(tm.kt_indptr[w]), int(tm.kt_indptr[w + 1])
+        idx, order, full = tm.kt_index[lo:hi].tolist(), tm.kt_order[lo:hi].tolist(), tm.kt_full[lo:hi].tolist()
+        clean = {i for i, f in zip(idx, full) if f and (i + 1) * bk <= n}
+        nf = int(tm.n_full[w])
+        assert sorted(order) == idx
+        assert set(order[:nf]) == clean and not clean & set(order[nf:])
+        assert order[:nf] == sorted(order[:nf]) and order[nf:] == sorted(order[nf:])

@@ -63,8 +63,8 @@ def test_work_item_without_key_tiles_gives_zero_and_minus_inf():
     tm = p.tiles(16, 16)
     empty = torch.zeros_like(tm.kt_indptr)  # drop every key tile
     out, lse = segment_attention(q, k, v, table, p.kv_lens, p.qo_indptr, p.token_seg, p.ancestors, p.q_token,
-                                 p.token_pos, tm.work_seq, tm.work_qtile, empty, tm.kt_index[:0], tm.kt_full[:0], 16,
-                                 16, 0.1)
+                                 p.token_pos, tm.work_seq, tm.work_qtile, empty, tm.kt_index[:0], tm.kt_full[:0],
+                                 tm.kt_order[:0], torch.zeros_like(tm.n_full), 16, 16, 0.1)
     assert torch.equal(out, torch.zeros_like(out))
     assert bool(torch.isneginf(lse).all())
 

@@ -106,7 +106,9 @@ def merge_states(v_a, s_a, v_b, s_b):
 
 @register("segment_attention", "cuda", reasons=_attention_reasons, tile_shape=_tile_shape)
 def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, q_token, token_pos,
-                      work_seq, work_qtile, kt_indptr, kt_index, kt_full, block_q, block_k, sm_scale, softcap, window):
+                      work_seq, work_qtile, kt_indptr, kt_index, kt_full, kt_order, n_full, block_q, block_k, sm_scale,
+                      softcap, window):
+    # the CUDA decode kernel reads the tiles in ascending order with their full flags (not kt_order / n_full)
     return _C.segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg.contiguous(),
                                 ancestors, q_token, token_pos.contiguous(), work_seq, work_qtile, kt_indptr, kt_index,
                                 kt_full, block_q, block_k, sm_scale, softcap, window)

@@ -20,6 +20,7 @@ import torch
 
 import kvfuse
 from kvfuse import _ops, reference
+from kvfuse.attention import tile_args
 from kvfuse.bench.common import (
     Case,
     Ctx,
@@ -58,12 +59,7 @@ def kvfuse_attention(ctx: Ctx, backend: str, out_rows=None) -> Callable:
         if ctx.args.api:
             return lambda: kvfuse.attention(q, k, v, bt, plan, backend=backend)
         tile_shape = meta("segment_attention", backend).get("tile_shape")
-        if tile_shape is None:
-            e = torch.empty(0, dtype=torch.int32, device=q.device)
-            tm = (e, e, e, e, e.to(torch.int8), 0, 0)
-        else:
-            t = plan.tiles(*tile_shape(q.shape[-1], plan.max_q))
-            tm = (t.work_seq, t.work_qtile, t.kt_indptr, t.kt_index, t.kt_full, t.block_q, t.block_k)
+        tm = tile_args(plan.tiles(*tile_shape(q.shape[-1], plan.max_q)) if tile_shape else None, q.device)
         return lambda: _ops.segment_attention_op(q, k, v, bt, plan.kv_lens, plan.qo_indptr, plan.token_seg,
                                                  plan.ancestors, plan.q_token, plan.token_pos, *tm, scale, 0.0, 0,
                                                  backend)[0]

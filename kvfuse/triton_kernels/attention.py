@@ -18,7 +18,6 @@ through the block table, so any page size works.
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import triton
@@ -283,31 +282,6 @@ def num_splits(work: int, hkv: int, max_tiles: int, device: torch.device) -> int
     return 1 << (n.bit_length() - 1)
 
 
-_ORDERS: dict = {}  # id(kt_index) -> (weakref to it, kt_full, block_k, kt_order, n_full)
-
-
-def full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k: int):
-    """Reorder each work item's key tiles so the full ones come first (then the kernel runs two
-    branch-free loops: no mask code at all on full tiles), and count them. A full tile that runs past
-    the sequence's end counts as partial. Cached per tile map (plans are reused by every layer); no
-    host synchronisation, so it can be captured in a CUDA graph."""
-    hit = _ORDERS.get(id(kt_index))
-    if hit is not None and hit[0]() is kt_index and hit[1] is kt_full and hit[2] == block_k:
-        return hit[3], hit[4]
-    work = work_seq.numel()
-    counts = (kt_indptr[1:] - kt_indptr[:-1]).long()
-    w_of = torch.repeat_interleave(torch.arange(work, device=kt_index.device), counts, output_size=kt_index.numel())
-    n = kv_lens.long()[work_seq.long()][w_of]
-    full = (kt_full != 0) & ((kt_index.long() + 1) * block_k <= n)
-    order = torch.sort(w_of * 2 + (~full).long(), stable=True).indices
-    kt_order = kt_index[order].contiguous()
-    n_full = torch.zeros(work, dtype=torch.int32, device=kt_index.device).index_add_(0, w_of, full.to(torch.int32))
-    for key in [k for k, v in _ORDERS.items() if v[0]() is None]:  # drop the entries of dead plans
-        del _ORDERS[key]
-    _ORDERS[id(kt_index)] = (weakref.ref(kt_index), kt_full, block_k, kt_order, n_full)
-    return kt_order, n_full
-
-
 def use_tma(k_cache: torch.Tensor, v_cache: torch.Tensor, block_k: int) -> bool:
     """Whether prefill key tiles can come through tensor descriptors (TMA on Hopper): every tile lies
     inside one page (``page_size % block_k == 0``), rows are 16-byte aligned, and the pool's rows fit
@@ -329,8 +303,8 @@ def _descriptor(cache: torch.Tensor, block_k: int):
 
 
 def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, q_token, token_pos,
-                      work_seq, work_qtile, kt_indptr, kt_index, kt_full, block_q: int, block_k: int, sm_scale: float,
-                      softcap: float = 0.0, window: int = 0):
+                      work_seq, work_qtile, kt_indptr, kt_index, kt_full, kt_order, n_full, block_q: int, block_k: int,
+                      sm_scale: float, softcap: float = 0.0, window: int = 0):
     """Segment-masked attention over a paged pool with the plan's tile map.
 
     q ``[total_q, Hq, D]`` fp16/bf16/fp32; k_cache/v_cache contiguous ``[P, page_size, Hkv, D]``;
@@ -364,7 +338,6 @@ def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, toke
         gp, hpp, bm, nsplit = 1, 1, block_q, 1
         grid = (hq, work, 1)
     kernel, launch = _kernel(decode, d)
-    kt_order, n_full = full_first(work_seq, kt_indptr, kt_index, kt_full, kv_lens, block_k)
     tma = not decode and use_tma(k_cache, v_cache, block_k)
     k_arg, v_arg = (_descriptor(k_cache, block_k), _descriptor(v_cache, block_k)) if tma else (k_cache, v_cache)
     if nsplit > 1:
