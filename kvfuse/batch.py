@@ -62,13 +62,26 @@ def batch_plan(rows: _Seq[PagedSequence], q_len: int | _Seq[int], *, hogwild: bo
         >>> out = kvfuse.attention(q, store.k_cache[0], store.v_cache[0], bp.block_table, bp.plan)
     """
     rows = _check_rows("batch_plan", rows, "rows")
+    q_lens = _q_lens(rows, q_len)
+    tables, graphs = row_graphs(rows, q_lens, hogwild=hogwild)
+    store = rows[0].store
+    p = AttentionPlan(AttentionSpec(graphs, q_lens, device=store.device))
+    return BatchPlan(_block_table(tables, store.device), p)
+
+
+def _q_lens(rows, q_len) -> list[int]:
     if isinstance(q_len, numbers.Integral | str) or not isinstance(q_len, _Seq):
         q_lens = [check_int("batch_plan: q_len", q_len, lo=0)] * len(rows)
     else:
         q_lens = [check_int(f"batch_plan: q_len[{i}]", x, lo=0) for i, x in enumerate(q_len)]
     if len(q_lens) != len(rows):
         raise ValueError(f"batch_plan: one q_len per row ({len(rows)}), got {len(q_lens)}")
-    store = rows[0].store
+    return q_lens
+
+
+def row_graphs(rows: _Seq[PagedSequence], q_lens: list[int], *, hogwild: bool = False):
+    """Host page lists and `SegmentGraph` of each row's view (`batch_plan`'s, before any transfer):
+    ``(tables, graphs)``; rows of one shape share one graph object."""
     if hogwild and len(rows) > 1:
         tables, views = _hogwild_views(rows, q_lens)
     else:
@@ -85,8 +98,7 @@ def batch_plan(rows: _Seq[PagedSequence], q_len: int | _Seq[int], *, hogwild: bo
         if g is None:
             g = shapes[key] = SegmentGraph(segs)  # validates names, parents and cycles
         graphs.append(g)
-    p = AttentionPlan(AttentionSpec(graphs, q_lens, device=store.device))
-    return BatchPlan(_block_table(tables, store.device), p)
+    return tables, graphs
 
 
 def _block_table(tables: list[list[int]], device) -> torch.Tensor:

@@ -124,8 +124,8 @@ def _expected(pk, pv, tkv, layout):
     for tk, tv in tkv:
         n = tk.shape[1]
         delta = (start if layout == "sequential" else 6) - 6
-        ang = torch.tensor(float(delta), dtype=torch.float64) * ROPE.inv_freq()
-        ks.append(rotate(tk, torch.cos(ang).float(), torch.sin(ang).float(), ROPE.rotary_dim, False))
+        cos, sin, _ = ROPE.rotation_tables(torch.tensor([delta]))  # float64 angle, float32 table
+        ks.append(rotate(tk, cos[0], sin[0], ROPE.rotary_dim, ROPE.interleaved))
         vs.append(tv)
         pos += list(range(6 + delta, 6 + delta + n))
         start += n
@@ -350,9 +350,8 @@ def test_fork_decode_merge_continue(arch, layout, monkeypatch):
                 ks, vs = [thread_caches[0][layer][0][:, :, :PREFIX]], [thread_caches[0][layer][1][:, :, :PREFIX]]
                 for i, c in enumerate(thread_caches):
                     k, v = c[layer][0][:, :, PREFIX:], c[layer][1][:, :, PREFIX:]
-                    ang = torch.tensor(float(i * STEPS), dtype=torch.float64) * rope.inv_freq()
-                    k = rotate(k.transpose(1, 2), torch.cos(ang).float(), torch.sin(ang).float(), rope.rotary_dim,
-                               rope.interleaved).transpose(1, 2)
+                    cos, sin, _ = rope.rotation_tables(torch.tensor([i * STEPS]))  # pure rotation by the move
+                    k = rotate(k.transpose(1, 2), cos[0], sin[0], rope.rotary_dim, rope.interleaved).transpose(1, 2)
                     ks.append(k)
                     vs.append(v)
                 kv.append((torch.cat(ks, 2), torch.cat(vs, 2)))
