@@ -72,7 +72,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     kvfuse runs it when the mask is a segment mask: ``is_causal`` with ``L <= S``, no mask with
     ``L == 1``, a bool mask equal to the bottom-right causal mask (``tril(S - L)``), or ``segments``.
     Everything else (other masks, ``dropout_p > 0``, inputs that need gradients, non-4D or empty
-    inputs) is handed to torch's SDPA unchanged. ``scale=0.0`` gives the uniform softmax over the
+    inputs, and any call without ``segments`` inside ``torch.compile``) is handed to torch's SDPA
+    unchanged. ``scale=0.0`` gives the uniform softmax over the
     keys each query sees (the mean of their values).
 
     Args:
@@ -103,6 +104,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
             and (query.shape[1] == key.shape[1] or (enable_gqa and query.shape[1] % key.shape[1] == 0))
             and query.dtype == key.dtype == value.dtype
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
+    if segments is None and torch.compiler.is_compiling():
+        fast = False  # planning reads host values: a compiled caller gets torch's SDPA (or the soft-cap fallback)
     if not fast:
         if segments is not None:
             raise ValueError("sdpa: segments needs non-empty 4D query/key/value of one dtype, equal head dims, "

@@ -25,6 +25,8 @@ TINY = {
                 "--steps", "2", "--threads", "1,3", "--page-size", "4"],
     "repair": ["--layers", "2", "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--context", "64",
                "--threads", "3", "--page-size", "4", "--steps", "1"],
+    "generate": ["--layers", "1", "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--context", "24",
+                 "--steps", "2", "--page-size", "4"],
     "ceilings": [],
 }
 
@@ -37,9 +39,13 @@ def _run(tmp_path, *argv):
 
 @pytest.mark.parametrize("scenario", list(TINY))
 def test_every_subcommand_runs(tmp_path, capsys, scenario):
-    if scenario in ("e2e", "threads", "repair"):
+    if scenario in ("e2e", "threads", "repair", "generate"):
         pytest.importorskip("transformers")
     rc, data = _run(tmp_path, scenario, "--check", *TINY[scenario])
+    if scenario == "generate":  # every path ran and was checked against sdpa
+        rows = data["results"]
+        assert [r["provider"] for r in rows] == ["sdpa", "sdpa+static", "kvfuse", "kvfuse+static", "kvfuse+graphs"]
+        assert all(r["status"] == "ok" and (r["checked"] or r["provider"] == "sdpa") for r in rows)
     assert rc == 0
     text = capsys.readouterr().out
     assert "CPU timings" in text and "| provider | ms (median) | p20 | p80 |" in text
@@ -161,7 +167,8 @@ def test_threads_plot_draws_lines(tmp_path):
     assert png.stat().st_size > 0
     results = [common.Result(**r) for r in json.loads(js.read_text())["results"]]
     lines = report.plot_series(results)["threads"]["lines"]
-    assert set(lines) == {"batched", "one-by-one"} and all([x for x, _ in p] == [1, 3] for p in lines.values())
+    assert set(lines) == {"graphs", "batched", "one-by-one"} and all([x for x, _ in p] == [1, 3]
+                                                                     for p in lines.values())
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -206,19 +213,21 @@ def test_threads_rows_and_check(tmp_path, capsys, monkeypatch):
     rc, data = _run(tmp_path, "threads", "--check", *TINY["threads"])
     assert rc == 0
     rows = data["results"]
-    assert [(r["x"], r["provider"]) for r in rows] == [(1, "batched"), (1, "one-by-one"), (3, "batched"),
-                                                        (3, "one-by-one")]
+    paths = ["graphs", "batched", "one-by-one"]
+    assert [(r["x"], r["provider"]) for r in rows] == [(x, p) for x in (1, 3) for p in paths]
     for r in rows:
         assert r["status"] == "ok" and r["unit"] == "tok/s" and r["ms"] > 0
         assert r["value"] == pytest.approx(r["x"] * 1000 / r["ms"])
         assert r["baseline"] == f"one-by-one: {r['x']} hf.decode calls of 1 row per step"
-    for b, s in (rows[0:2], rows[2:4]):
-        assert b["checked"] and b["max_err"] < 1e-4  # fp32 on CPU: the two paths agree to rounding
-        n = b["x"] * (2 + threads.WARMUP_STEPS)
-        assert f"greedy tokens equal {n}/{n}, 0 near ties" in b["note"]
-        assert b["speedup"] == pytest.approx(s["ms"] / b["ms"]) and s["speedup"] == pytest.approx(1.0)
+    for g, b, s in (rows[0:3], rows[3:6]):
+        for r in (g, b):
+            assert r["checked"] and r["max_err"] < 1e-4  # fp32 on CPU: the paths agree to rounding
+            n = r["x"] * (2 + threads.WARMUP_STEPS)
+            assert f"greedy tokens equal {n}/{n}, 0 near ties" in r["note"]
+            assert r["speedup"] == pytest.approx(s["ms"] / r["ms"])
+        assert s["speedup"] == pytest.approx(1.0) and not s["checked"]
     out = capsys.readouterr().out
-    assert "### threads: summary (CPU timings)" in out and "| T | batched ms/step |" in out
+    assert "### threads: summary (CPU timings)" in out and "| T | graphs ms/step | batched ms/step |" in out
 
 
 def test_threads_check_catches_a_wrong_batched_path(tmp_path):
@@ -226,8 +235,9 @@ def test_threads_check_catches_a_wrong_batched_path(tmp_path):
     argv = [a if a != "1,3" else "2" for a in TINY["threads"]]
     rc, data = _run(tmp_path, "threads", "--check", "--providers", "_wrong", *argv)
     assert rc == 1
-    batched, single = data["results"]
-    assert batched["status"] == "WRONG" and batched["ms"] is None and "not timed" in batched["note"]
+    graphs, batched, single = data["results"]
+    for r in (graphs, batched):
+        assert r["status"] == "WRONG" and r["ms"] is None and "not timed" in r["note"]
     assert single["status"] == "ok" and single["ms"] > 0
 
 

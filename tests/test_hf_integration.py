@@ -36,9 +36,17 @@ def test_generate_matches_eager(arch, monkeypatch):
     ids = _prompt(ref.config, batch=2)
     kw = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
     want = ref.generate(ids, **kw)
-    # no padding: every attention (causal prefill, decode) runs on kvfuse.attention, none on torch's SDPA
-    monkeypatch.setattr(kvfuse.compat.F, "scaled_dot_product_attention", None)
+    # transformers' own cache holds dense K/V: every attention is torch's SDPA, none copies them into a pool
+    def no_pool(*a, **k):
+        raise AssertionError("dense K/V were copied into a paged pool")
+
+    monkeypatch.setattr(kvfuse.compat, "attention", no_pool)
+    calls = []
+    dense = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or dense(*a, **k))
     got = model.generate(ids, **kw)
+    assert len(calls) >= model.config.num_hidden_layers * kw["max_new_tokens"]
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=ATOL, rtol=RTOL)
 
@@ -94,3 +102,28 @@ def test_paged_cache_needs_kvfuse_attention():
 def test_import_kvfuse_does_not_import_transformers():
     code = "import sys, kvfuse; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_static_cache_forward_compiles_fullgraph_and_matches_eager():
+    """cache_implementation="static" compiles the forward: kvfuse's attention function must not break
+    the graph (no host reads of tensor values, no planning) and must give sdpa's result."""
+    from transformers import StaticCache
+
+    cfg = small_config("llama")
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="kvfuse").eval()
+    model.load_state_dict(ref.state_dict())
+    ids = _prompt(cfg, batch=2)
+    n = ids.shape[1]
+    outs = []
+    for m, compiled in ((ref, False), (model, True)):
+        cache = StaticCache(config=cfg, max_cache_len=n + 4)
+        with torch.no_grad():
+            out = m(input_ids=ids, use_cache=True, **hf.cache_kwargs(m, cache))
+            step = torch.compile(m.forward, fullgraph=True, backend="eager") if compiled else m.forward
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = torch.ones(2, n + 1, dtype=torch.long)
+            outs.append(step(input_ids=tok, position_ids=torch.full((2, 1), n), attention_mask=mask, use_cache=True,
+                             **hf.cache_kwargs(m, cache)).logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=ATOL, rtol=RTOL)

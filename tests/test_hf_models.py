@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import sys
+import types
 
 import pytest
 import torch
@@ -219,7 +220,11 @@ def _guarded(store, seqs, held_only=False):
 def check_generate(v: Variant, monkeypatch):
     ref, model = _model(v, "eager"), _model(v, "kvfuse")
     calls = []
+    # dense K/V of transformers' cache: torch's SDPA, or kvfuse.sdpa with soft-capping (both counted)
     monkeypatch.setattr(hf, "sdpa", lambda *a, **k: calls.append(1) or kvfuse.sdpa(*a, **k))
+    dense = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(hf, "F", types.SimpleNamespace(scaled_dot_product_attention=lambda *a, **k: calls.append(1)
+                                                       or dense(*a, **k)))
     ids = _ids((2, PROMPT), 1)
     padded = torch.ones_like(ids)
     padded[0, :3] = 0  # left padding of row 0

@@ -36,12 +36,14 @@ SCENARIOS = {
     "prefill": "block-sparse cross-thread prefill (section 3)",
     "decode": "paged decode after a merge, with and without the cross-thread mask (section 4)",
     "e2e": "merge versus text re-prefill on a Llama-3-8B-shaped model (section 5)",
-    "threads": "T threads decoded as one batch (hf.decode) versus one by one, Llama-3-8B-shaped model",
+    "threads": "T threads decoded as one batch (hf.decode, CUDA graphs) versus one by one, Llama-3-8B-shaped model",
+    "generate": "model.generate (sdpa / kvfuse, dynamic / static cache) and kvfuse's decode graphs, ms per token",
     "ceilings": "copy / read / matmul ceilings of this machine",
     "fidelity": "merged caches against the text merge on a trained model: KL, answer scores, cost (section 7)",
     "repair": "merge + repair of a fraction of the tokens versus re-encoding the text (section 7, speed)",
 }
-ALL_ORDER = ("ceilings", "rerotate", "compose", "prefill", "decode", "e2e", "threads", "repair")  # fidelity: apart
+# fidelity runs apart
+ALL_ORDER = ("ceilings", "rerotate", "compose", "prefill", "decode", "e2e", "threads", "generate", "repair")
 LIST_THREADS = ("threads", "e2e", "fidelity")  # the scenarios whose --threads takes a list
 
 
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=_positive, help="decode batch (default 32)")
     g.add_argument("--context", type=_positive, help="tokens per sequence (decode default 32768; e2e 8192 and 32768)")
     g.add_argument("--layers", type=_positive, help="model layers (e2e, threads; default 32)")
-    g.add_argument("--steps", type=_positive, help="decode steps per thread (threads; default 32, CPU 4); "
+    g.add_argument("--steps", type=_positive, help="decode steps per thread (threads, generate; default 32, CPU 4); "
                    "repetitions (repair; default 3)")
     g.add_argument("--repair", type=float, help="fraction of the tokens repaired (repair; default 0.15)")
     r = common.add_argument_group("what to run")

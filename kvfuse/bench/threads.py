@@ -3,8 +3,11 @@
 A Llama-3-8B-shaped Hugging Face ``transformers`` model with random weights (32 layers, 32 / 8 heads,
 head_dim 128, bf16, ``attn_implementation="kvfuse"``, created with ``dtype=``; a tiny one on CPU)
 prefills a prefix of ``--prefix`` tokens into a `kvfuse.PagedKVStore` once (`hf.prefill`, in chunks
-of `PREFILL_CHUNK` tokens). Then, for every T of ``--threads`` (default 2,4,8), in the same run:
+of `PREFILL_CHUNK` tokens). Then, for every T of ``--threads`` (default 1,2,4,8), in the same run:
 
+* ``graphs``: the batched step as one CUDA-graph replay per step
+  (`kvfuse.integrations.hf_graphs.DecodeGraphs`, captured once per batch-size bucket; on CPU the same
+  static path runs eagerly).
 * ``batched``: T threads forked from the prefix (`kvfuse.fork`, no copy) decode greedily with ONE
   `hf.decode` call per step: every layer runs one `kvfuse.attention` call over the T rows.
 * ``one-by-one``: T fresh threads forked from the same prefix, each decoded by its own `hf.decode`
@@ -13,7 +16,9 @@ of `PREFILL_CHUNK` tokens). Then, for every T of ``--threads`` (default 2,4,8), 
 Both start from the same T distinct first tokens and run `WARMUP_STEPS` untimed steps, then
 ``--steps`` timed ones. ms per step: median, p20 and p80 over the timed steps (CUDA events around
 each step on a GPU, ``time.perf_counter`` on CPU); tok/s = T tokens per step / step time; speed-up:
-one-by-one time / batched time. The threads are released after each path (the prefix stays).
+one-by-one time / each path's time; "x the floor": step time over the time to read the weights and
+the rows' K/V once at the read ceiling (measured by ``ceilings`` in ``all``, else bench/TARGETS.md's
+anchor). The threads are released after each path (the prefix stays).
 
 Before timing, both paths run all their steps once on separate forks (the check below, or, without
 ``--check``, the same pass with its verdict unused): the timed steps then pay no first-call costs
@@ -67,21 +72,28 @@ def _step_one_by_one(hf, model, threads, tok: torch.Tensor) -> torch.Tensor:
     return torch.cat([hf.decode(model, [t], tok[i: i + 1])[:, -1] for i, t in enumerate(threads)])
 
 
+def _step_graphs(runner):
+    """The batched step as a CUDA-graph replay (`DecodeGraphs`; the static path run eagerly on CPU)."""
+    return lambda hf, model, threads, tok: runner.decode(threads, tok)[:, -1]
+
+
 def _release(threads) -> None:
     for t in threads:
         t.release()
 
 
-def check(hf, model, prefix, tok0: torch.Tensor, n_steps: int, tol: float, wrong: bool = False) -> dict:
-    """Decode ``n_steps`` both ways from ``tok0`` (``[T, 1]``) on fresh forks of ``prefix``, feeding both
-    the batched path's greedy tokens; compare logits (normwise) and greedy tokens (near ties allowed)."""
+def check(hf, model, prefix, tok0: torch.Tensor, n_steps: int, tol: float, wrong: bool = False,
+          step=_step_batched) -> dict:
+    """Decode ``n_steps`` with ``step`` (the batched path) and one by one from ``tok0`` (``[T, 1]``) on fresh
+    forks of ``prefix``, feeding both the batched path's greedy tokens; compare logits (normwise) and greedy
+    tokens (near ties allowed)."""
     T = tok0.shape[0]
     batched, single = kvfuse.fork(prefix, T), kvfuse.fork(prefix, T)
     err, equal, ties, bad = 0.0, 0, 0, 0
     try:
         tok = tok0
         for _ in range(n_steps):
-            lb = _step_batched(hf, model, batched, tok).float()
+            lb = step(hf, model, batched, tok).float()
             ls = _step_one_by_one(hf, model, single, tok).float()
             if wrong:
                 lb = perturb(lb.clone())
@@ -103,10 +115,9 @@ def check(hf, model, prefix, tok0: torch.Tensor, n_steps: int, tol: float, wrong
     return dict(ok=ok, err=err, equal=equal, ties=ties, bad=bad, total=T * n_steps)
 
 
-def time_path(ctx: Ctx, hf, model, prefix, tok0: torch.Tensor, warmup: int, steps: int, batched: bool):
+def time_path(ctx: Ctx, hf, model, prefix, tok0: torch.Tensor, warmup: int, steps: int, step):
     """(median, p20, p80) ms per step of greedy decoding of fresh forks of ``prefix`` from ``tok0``."""
     threads = kvfuse.fork(prefix, tok0.shape[0])
-    step = _step_batched if batched else _step_one_by_one
     times, events = [], []
     try:
         tok = tok0
@@ -147,7 +158,7 @@ def run(ctx: Ctx) -> None:
     hq, hkv, d = opt(ctx, "q_heads", 32, 4), opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
     page = opt(ctx, "page_size", 16)
     P, steps = opt(ctx, "prefix", 8192, 64), opt(ctx, "steps", 32, 4)
-    counts = tuple(a.sweep) if a.sweep else thread_counts(ctx, (2, 4, 8))
+    counts = tuple(a.sweep) if a.sweep else thread_counts(ctx, (1, 2, 4, 8))
     warmup = WARMUP_STEPS
     wrong = "_wrong" in (a.providers or ())
     tol = NORM_TOL.get(ctx.dtype, 5e-2)
@@ -156,7 +167,7 @@ def run(ctx: Ctx) -> None:
 
     model, cfg = build_model(ctx, layers, hq, hkv, d, attn_implementation="kvfuse")
     per_thread = -(-(warmup + steps) // page)
-    store = kvfuse.PagedKVStore.from_hf(cfg, -(-P // page) + 2 * max(counts) * per_thread + 1, page,
+    store = kvfuse.PagedKVStore.from_hf(cfg, -(-P // page) + 2 * max(counts) * per_thread + 2, page,
                                         dtype=ctx.dtype, device=dev)
     gen = torch.Generator().manual_seed(0)
     prefix = store.sequence("prefix")
@@ -171,38 +182,54 @@ def run(ctx: Ctx) -> None:
               f"prefilled once ({prefill_ms:.0f} ms, first call, compilation included); {warmup} untimed + "
               f"{steps} timed greedy steps per path; ms per step = {timer}, median over the steps"
               + ("; **CPU timings**" if ctx.cpu else ""))
+    from kvfuse.integrations.hf_graphs import DecodeGraphs
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    read_bw = ctx.ceilings.get("read")
     summary = []
     try:
         for T in counts:
             case = f"T={T}: {T} threads forked from a {P}-token prefix, {steps} steps, {layers} layers, {dt}"
-            rows = [Result(NAME, case, "batched", f"batched: 1 hf.decode call of {T} rows per step", "ok",
+            kv_bytes = T * 2 * layers * (P + warmup + steps) * hkv * d * store.k_cache.element_size()
+            floor_ms = (weight_bytes + kv_bytes) / (read_bw * 1e12) * 1e3 if read_bw else None
+            floor = (f"; floor (weights {weight_bytes / 1e9:.3g} GB + KV {kv_bytes / 1e9:.3g} GB at the read "
+                     f"ceiling {read_bw:.3g} TB/s): {floor_ms:.3g} ms/step") if floor_ms else ""
+            rows = [Result(NAME, case, "graphs", f"graphs: 1 CUDA-graph replay of {T} rows per step (DecodeGraphs)",
+                           "ok", unit="tok/s", group=case, x=T, series="graphs",
+                           note="the batched step captured once per bucket" + floor),
+                    Result(NAME, case, "batched", f"batched: 1 hf.decode call of {T} rows per step", "ok",
                            unit="tok/s", group=case, x=T, series="batched",
                            note="one kvfuse.attention call per layer over the T threads"),
                     Result(NAME, case, BASELINE, f"one-by-one: {T} hf.decode calls of 1 row per step", "ok",
                            unit="tok/s", group=case, x=T, series="one-by-one")]
+            runner = DecodeGraphs(model, store, max_batch=T)
+            steps_of = {"graphs": _step_graphs(runner), "batched": _step_batched, BASELINE: _step_one_by_one}
             try:
                 tok0 = torch.randperm(cfg.vocab_size, generator=gen)[:T, None].to(dev)  # T distinct first tokens
-                # Both paths over every step first (the check, or without --check an untimed priming
-                # pass): the timed steps then see no first-call costs at all, e.g. kernel variants a
-                # compiler specialises on lengths that change while decoding.
-                c = check(hf, model, prefix, tok0, warmup + steps, tol, wrong)
-                if a.check:
-                    rows[0].checked, rows[0].max_err = True, c["err"]
-                    what = (f"vs one-by-one: logits normwise error {c['err']:.2g} (tol {tol:g}), greedy tokens "
-                            f"equal {c['equal']}/{c['total']}, {c['ties']} near ties")
-                    if c["bad"]:
-                        what += f", {c['bad']} disagree"
-                    if not c["ok"]:
-                        rows[0].status = "WRONG"
-                        what += "; not timed"
-                    rows[0].note = "; ".join((rows[0].note, what))
-                for r, batched in ((rows[0], True), (rows[1], False)):
+                # Every path over every step first (the check, or without --check an untimed priming
+                # pass): the timed steps then see no first-call costs at all (kernel variants a compiler
+                # specialises on lengths that change while decoding, graph captures).
+                for r in rows[:2]:
+                    c = check(hf, model, prefix, tok0, warmup + steps, tol, wrong, steps_of[r.provider])
+                    if a.check:
+                        r.checked, r.max_err = True, c["err"]
+                        what = (f"vs one-by-one: logits normwise error {c['err']:.2g} (tol {tol:g}), greedy tokens "
+                                f"equal {c['equal']}/{c['total']}, {c['ties']} near ties")
+                        if c["bad"]:
+                            what += f", {c['bad']} disagree"
+                        if not c["ok"]:
+                            r.status = "WRONG"
+                            what += "; not timed"
+                        r.note = "; ".join((r.note, what))
+                for r in rows:
                     prog.step(f"T={T} {r.provider}")
                     if r.status != "ok":
                         continue
-                    r.ms, r.p20, r.p80 = time_path(ctx, hf, model, prefix, tok0, warmup, steps, batched)
+                    r.ms, r.p20, r.p80 = time_path(ctx, hf, model, prefix, tok0, warmup, steps, steps_of[r.provider])
                     r.value = T / (r.ms * 1e-3)
                     r.timing = f"{timer}, {steps} steps"
+                    if floor_ms:
+                        r.note = "; ".join(x for x in (r.note, f"{r.ms / floor_ms:.2f}x the floor") if x)
             except Exception as e:  # one thread count failing never aborts the others
                 if isinstance(e, KeyboardInterrupt):
                     raise
@@ -211,6 +238,8 @@ def run(ctx: Ctx) -> None:
                     if r.status == "ok" and r.ms is None:
                         r.status, r.note = "error", f"{type(e).__name__}: {msg}"
                 free_memory(dev, reset_compiled=False)
+            finally:
+                runner.close()
             speedups(rows, a.baseline or BASELINE)
             ctx.results.extend(rows)
             print_table(Case(NAME, case, {}, [], group=case, x=T, header=header), rows, ctx)
@@ -226,12 +255,13 @@ def _print_summary(summary, ctx: Ctx) -> None:
     if len(summary) < 2:
         return
     print(f"\n### {NAME}: summary" + (" (CPU timings)" if ctx.cpu else ""))
-    print("| T | batched ms/step | one-by-one ms/step | batched tok/s | one-by-one tok/s | speed-up |")
+    print("| T | graphs ms/step | batched ms/step | one-by-one ms/step | graphs tok/s | graphs vs T=1 tok/s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for T, (b, s) in summary:
-        sp = f"{s.ms / b.ms:.2f}×" if b.ms and s.ms else "–"
-        print(f"| {T} | {_fmt(b.ms, '.3g')} | {_fmt(s.ms, '.3g')} | {_fmt(b.value, ',.0f')} | "
-              f"{_fmt(s.value, ',.0f')} | {sp} |")
+    base = next((g.value for T, (g, _, _) in summary if T == 1 and g.value), None)
+    for T, (g, b, s) in summary:
+        scale = f"{g.value / base:.2f}×" if base and g.value else "–"
+        print(f"| {T} | {_fmt(g.ms, '.3g')} | {_fmt(b.ms, '.3g')} | {_fmt(s.ms, '.3g')} | {_fmt(g.value, ',.0f')} | "
+              f"{scale} |")
 
 
 def _fmt(x, spec: str) -> str:

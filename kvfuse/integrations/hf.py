@@ -9,10 +9,10 @@ runs every attention through kvfuse. Tested with transformers 5.10 and 5.24 on 4
 architectures, each exact against eager attention or refused by name (`tests/test_hf_models.py`; rotations:
 `tests/test_model_zoo.py`). Models that compute attention in their own code (Bloom, MPT, Falcon) are refused.
 
-* With transformers' own caches (``DynamicCache``, or none) the attention goes through `kvfuse.sdpa`:
-  causal / decode masks run on `kvfuse.attention`, any other mask (padding, sliding windows that
-  reach past the keys, packed sequences) on torch's SDPA; attention-logit soft-capping (Gemma 2) is
-  computed on both paths.
+* With transformers' own caches (``DynamicCache``, ``StaticCache``, or none) the K/V are dense
+  tensors: the attention is torch's SDPA (copying them into a paged pool at every layer would cost
+  more than the attention), or with attention-logit soft-capping (Gemma 2) `kvfuse.sdpa`. This path
+  is as fast as ``attn_implementation="sdpa"`` and compiles with ``cache_implementation="static"``.
 * With a `KVFuseCache` the K/V live in a `kvfuse.PagedKVStore`; each batch row is a
   `kvfuse.PagedSequence` (a prefix, a thread, a merged sequence...), new tokens are appended to its pages
   and every layer runs ONE batched `kvfuse.attention` call over all rows with their segment masks
@@ -55,6 +55,7 @@ import inspect
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 try:
     from transformers import AttentionInterface, LlamaModel
@@ -474,11 +475,14 @@ def _mask(*args, attention_mask=None, config=None, **kwargs):
     one, and would misread its boolean masks. It remembers the masks made from a padding mask: a
     `KVFuseCache` refuses those at the first layer even where its sliding window hides the padded tokens
     (Gemma 2 / 3, Cohere 2: the full-attention layers after it would see them)."""
-    why = unsupported_attention(config) if config is not None else []
+    # (inside torch.compile the model has run eagerly before, where this check ran)
+    why = unsupported_attention(config) if config is not None and not torch.compiler.is_compiling() else []
     if why:
         raise UnsupportedModel(f"attn_implementation={NAME!r}: " + "; ".join(why))
     mask = sdpa_mask(*args, attention_mask=attention_mask, config=config, **kwargs)
-    if isinstance(mask, torch.Tensor) and attention_mask is not None and not bool(attention_mask.all()):
+    # (compiled forwards run transformers' own caches: a KVFuseCache is not compileable, so no lookup is needed)
+    if isinstance(mask, torch.Tensor) and attention_mask is not None and not torch.compiler.is_compiling() \
+            and not bool(attention_mask.all()):
         _PADDED[id(mask)] = mask
     return mask
 
@@ -515,8 +519,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     _, softcap = _options(module, kwargs)  # a sliding window arrives as the mask transformers built
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = query.shape[2] > 1 and attention_mask is None and is_causal
-    out = sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-               enable_gqa=query.shape[1] != key.shape[1], softcap=softcap)
+    # Dense K/V (transformers' own caches): torch's SDPA. kvfuse's kernels read paged pools, and copying the
+    # K/V into one at every layer and step costs more than the attention; with soft-capping (which torch's
+    # SDPA lacks) `kvfuse.sdpa` computes it.
+    attend = sdpa if softcap else F.scaled_dot_product_attention
+    extra = {"softcap": softcap} if softcap else {}
+    out = attend(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+                 enable_gqa=query.shape[1] != key.shape[1], **extra)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,133 @@
+"""DecodeGraphs (static decode path, CUDA-graph replays on a GPU) against hf.decode, step by step."""
+
+import pytest
+import torch
+
+import kvfuse
+from kvfuse.static_plan import StaticPlan
+from tests.hf_utils import small_config
+
+transformers = pytest.importorskip("transformers")
+from kvfuse.integrations import hf  # noqa: E402
+from kvfuse.integrations.hf_graphs import DecodeGraphs  # noqa: E402
+
+
+def _model(arch, device="cpu", dtype=torch.float32, window=None):
+    torch.manual_seed(0)
+    cfg = small_config(arch)
+    if window:
+        cfg.sliding_window = window
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="kvfuse")
+    return m.to(device=device, dtype=dtype).eval()
+
+
+def _setup(model, prefix_len, threads, page_size=4, num_pages=400):
+    store = kvfuse.PagedKVStore.from_hf(model.config, num_pages=num_pages, page_size=page_size,
+                                        dtype=next(model.parameters()).dtype, device=next(model.parameters()).device)
+    prompt = store.sequence()
+    ids = torch.randint(0, model.config.vocab_size, (1, prefix_len), device=store.device)
+    hf.prefill(model, prompt, ids)
+    return store, prompt, kvfuse.fork(prompt, threads), kvfuse.fork(prompt, threads)
+
+
+def _state(rows):
+    return [(list(r.pages), list(r.segments)) for r in rows]
+
+
+@pytest.mark.parametrize("hogwild", [False, True], ids=["own", "hogwild"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_static_path_equals_hf_decode_across_buckets_and_capacity_growth(arch, hogwild):
+    """3 rows (bucket 4: one padded row), 20 steps from a 246-token prefix: the row capacity (256 tokens)
+    is outgrown mid-way. Logits and every row's K/V equal hf.decode's; the rows' pages and segments too."""
+    model = _model(arch)
+    store, _, ref_rows, rows = _setup(model, 246, 3)
+    runner = DecodeGraphs(model, store, hogwild=hogwild, graphs=False)
+    tok = torch.randint(0, model.config.vocab_size, (3, 1))
+    for _ in range(20):
+        want = hf.decode(model, ref_rows, tok, hogwild=hogwild)
+        got = runner.decode(rows, tok)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert [r.num_tokens for r in rows] == [r.num_tokens for r in ref_rows]
+        tok = want[:, -1].argmax(-1, keepdim=True)
+    assert runner._buckets[4].max_kv == 512  # grew from 256
+    for r, ref in zip(rows, ref_rows):
+        k, v = r.gather()
+        k0, v0 = ref.gather()
+        torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+
+
+def test_static_path_after_merge_and_with_a_sliding_window():
+    """Rows of different shapes (a merged sequence next to a fresh fork) and a sliding window layer."""
+    model = _model("mistral", window=7)
+    store, prompt, ref_threads, threads = _setup(model, 9, 2)
+    tok = torch.randint(0, model.config.vocab_size, (2, 1))
+    for _ in range(3):
+        hf.decode(model, ref_threads, tok)
+        hf.decode(model, threads, tok)
+    ref_rows = [kvfuse.merge(ref_threads, layout="sequential"), kvfuse.fork(prompt, 1)[0]]
+    rows = [kvfuse.merge(threads, layout="sequential"), kvfuse.fork(prompt, 1)[0]]
+    runner = DecodeGraphs(model, store, graphs=False)
+    for _ in range(4):
+        want = hf.decode(model, ref_rows, tok)
+        got = runner.decode(rows, tok)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        tok = want[:, -1].argmax(-1, keepdim=True)
+
+
+def test_refused_calls_change_nothing():
+    model = _model("llama")
+    store, _, _, rows = _setup(model, 5, 2, num_pages=8)
+    runner = DecodeGraphs(model, store, max_batch=2, graphs=False)
+    before, free = _state(rows), store.num_free
+    with pytest.raises(ValueError, match=r"input_ids must be an int tensor \[B=2, 1\]"):
+        runner.decode(rows, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_batch=2"):
+        runner.decode(rows + kvfuse.fork(rows[0], 1), torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(kvfuse.OutOfPages):
+        while True:  # grow until the store runs dry; the refused step leaves the rows as they were
+            before, free = _state(rows), store.num_free
+            runner.decode(rows, torch.zeros(2, 1, dtype=torch.long))
+    assert _state(rows) == before and store.num_free == free
+    with pytest.raises(ValueError, match="attn_implementation='kvfuse'"):
+        DecodeGraphs(transformers.AutoModelForCausalLM.from_config(small_config("llama"), attn_implementation="eager"),
+                     store)
+    runner.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.decode(rows, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_static_plan_load_checks_capacity_before_writing():
+    sp = StaticPlan(batch_size=2, q_len=1, max_kv=16, max_segments=2)
+    g = kvfuse.SegmentGraph.fork_join(prefix=8, threads=[3])
+    sp.load_(kvfuse.plan(kvfuse.AttentionSpec([g, g], q_lens=[1, 1])))
+    before = sp.token_seg.clone(), sp.kv_lens.clone()
+    long = kvfuse.SegmentGraph.fork_join(prefix=16, threads=[3])
+    with pytest.raises(ValueError, match="max_kv=16"):
+        sp.load_(kvfuse.plan(kvfuse.AttentionSpec([long, long], q_lens=[1, 1])))
+    many = kvfuse.SegmentGraph.fork_join(prefix=4, threads=[1, 1, 1])
+    with pytest.raises(ValueError, match="max_segments=2"):
+        sp.load_(kvfuse.plan(kvfuse.AttentionSpec([many, many], q_lens=[1, 1])))
+    with pytest.raises(ValueError, match="2 rows of 1"):
+        sp.load_(kvfuse.plan(kvfuse.AttentionSpec([g], q_lens=[1])))
+    assert torch.equal(sp.token_seg, before[0]) and torch.equal(sp.kv_lens, before[1])
+
+
+def test_cuda_graph_replays_equal_hf_decode():
+    """On a GPU: captured once per bucket, replayed every step; bf16 logits and K/V equal hf.decode's
+    (the same kernels run eagerly)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA GPU")
+    dev = torch.device("cuda")
+    model = _model("llama", device=dev, dtype=torch.bfloat16)
+    store, _, ref_rows, rows = _setup(model, 246, 3, page_size=16)
+    runner = DecodeGraphs(model, store)
+    tok = torch.randint(0, model.config.vocab_size, (3, 1), device=dev)
+    for _ in range(20):
+        want = hf.decode(model, ref_rows, tok)
+        got = runner.decode(rows, tok)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        tok = want[:, -1].argmax(-1, keepdim=True)
+    assert runner._buckets[4].graph is not None
+    for r, ref in zip(rows, ref_rows):
+        torch.testing.assert_close(r.gather()[0].float(), ref.gather()[0].float(), rtol=2e-2, atol=2e-2)
