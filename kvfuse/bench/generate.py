@@ -113,7 +113,7 @@ def run(ctx: Ctx) -> None:
     prog = Progress(len(contexts) * len(paths), NAME, not a.quiet)
     model, cfg = build_model(ctx, layers, hq, hkv, d, attn_implementation="sdpa")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    read_bw = ctx.ceilings.get("read")
+    read_bw = ctx.ceiling("read")
     dt = str(ctx.dtype)[6:]
     gen = torch.Generator().manual_seed(0)
     try:

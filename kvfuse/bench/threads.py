@@ -185,7 +185,7 @@ def run(ctx: Ctx) -> None:
     from kvfuse.integrations.hf_graphs import DecodeGraphs
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    read_bw = ctx.ceilings.get("read")
+    read_bw = ctx.ceiling("read")
     summary = []
     try:
         for T in counts:

@@ -226,13 +226,17 @@ class DecodeGraphs:
     def _load(self, bk: _Bucket, plan, tables, input_ids, positions, slots, n_pad: int) -> None:
         h = bk.inputs.begin()
         B = len(positions)
-        h["input_ids"][:B].copy_(input_ids)
+        on_dev = input_ids.device == self.store.device and input_ids.device.type != "cpu"
+        if not on_dev:
+            h["input_ids"][:B].copy_(input_ids)
         h["input_ids"][B:] = 0
         h["position_ids"][:B, 0] = torch.tensor(positions, dtype=torch.int32)
         h["position_ids"][B:] = 0
         h["slots"][:B] = slots.to(torch.int32)
         h["slots"][B:] = self._scratch * self.store.page_size
         bk.inputs.commit()
+        if on_dev:  # ids the previous step computed on the device: copied there, no wait for that step
+            bk.inputs.views["input_ids"][:B].copy_(input_ids)
         t = bk.table_buf.begin()["block_table"]
         t.zero_()
         for i, row in enumerate(tables):
