@@ -9,7 +9,7 @@ from kvfuse.dispatch import BackendNotSupported, available
 from kvfuse.integrations.hf_config import UnsupportedModel
 from kvfuse.merge_states import merge_states
 from kvfuse.paged import OutOfPages, PagePool, gather_kv, slots_of, write_kv_
-from kvfuse.rerotate import rerotate_
+from kvfuse.rerotate import copy_rotate_, rerotate_
 from kvfuse.rope import ModelRope, RopeConfig
 from kvfuse.segments import Segment, SegmentGraph
 from kvfuse.store import (
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionPlan", "AttentionSpec", "BackendNotSupported", "BatchPlan", "Composed", "ModelRope", "OutOfPages",
     "PagePool", "PagedKVStore", "PagedSequence", "RopeConfig", "Segment", "SegmentGraph", "SegmentInfo",
-    "SourceSegment", "UnsupportedModel", "attention", "available", "batch_plan", "compose",
+    "SourceSegment", "UnsupportedModel", "attention", "available", "batch_plan", "compose", "copy_rotate_",
     "flash_attn_with_kvcache", "fork", "gather_kv", "lse_from_base2", "lse_to_base2", "merge", "merge_states",
     "pages_needed", "plan", "rerotate_", "sdpa", "slots_of", "write_kv_",
 ]

@@ -149,15 +149,25 @@ class RopeConfig:
             return float(get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim))
         return float(get_mscale(self.factor))
 
-    def rotation_tables(self, delta: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rotation_tables(self, delta: torch.Tensor, device=None, *, per_token: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """cos/sin tables of the pure rotation by each distinct position difference.
 
         Args:
             delta: integer tensor of position differences (any shape).
+            per_token: one table row per element of ``delta`` instead of per distinct value, computed
+                where ``delta`` lives without reading it on the host (capturable in a CUDA graph).
         Returns:
             ``(cos, sin, index)``: float32 ``[U, rotary_dim // 2]`` tables for the ``U`` distinct
-            deltas, and an int32 tensor shaped like ``delta`` that indexes them.
+            deltas (``U = delta.numel()`` with ``per_token``), and an int32 tensor shaped like ``delta``
+            that indexes them.
         """
+        if per_token:
+            ang = delta.reshape(-1).to(torch.float64)[:, None] * self.inv_freq().to(delta.device)[None, :]
+            index = torch.arange(delta.numel(), dtype=torch.int32, device=delta.device).view(delta.shape)
+            cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
+            dev = delta.device if device is None else device
+            return cos.to(dev), sin.to(dev), index.to(dev)
         uniq, index = torch.unique(delta.to(torch.int64).cpu(), return_inverse=True)
         ang = uniq.to(torch.float64)[:, None] * self.inv_freq()[None, :]
         cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
