@@ -37,7 +37,12 @@ class BatchPlan:
         return self.plan.graphs
 
 
-def batch_plan(rows: _Seq[PagedSequence], q_len: int | _Seq[int], *, hogwild: bool = False) -> BatchPlan:
+SHARE_MIN_PREFIX = 256  # tokens of common prefix from which the automatic choice shares it (shared_prefix=None)
+SHARE_MAX_QUERIES = 16  # queries of all rows together that one decode tile holds
+
+
+def batch_plan(rows: _Seq[PagedSequence], q_len: int | _Seq[int], *, hogwild: bool = False,
+               shared_prefix: bool | None = False) -> BatchPlan:
     """Plan one batched attention call: row b's queries are its last ``q_len`` tokens (already
     reserved / written), over its own view of the store.
 
@@ -46,7 +51,15 @@ def batch_plan(rows: _Seq[PagedSequence], q_len: int | _Seq[int], *, hogwild: bo
     this step (not those of the current step), Hogwild-style; the views are assembled from the
     others' page tables without copying.
 
-    The plan equals ``kvfuse.plan(AttentionSpec(graphs, q_lens))`` (same tensors, same tile maps) but
+    ``shared_prefix=True`` (sibling threads of one fork, not hogwild): the rows become ONE sequence in the
+    plan -- their common prefix once, then each row's own tokens, each row's queries its own last tokens,
+    each row seeing the prefix and itself only -- so the attention reads the prefix's K/V once for all
+    rows instead of once per row (the result is the same; the block table has one row and the plan one
+    sequence of ``sum(q_lens)`` queries, in the rows' order). ``None``: share when the rows are siblings
+    with a common prefix of at least `SHARE_MIN_PREFIX` tokens and at most `SHARE_MAX_QUERIES` queries in all
+    (a decode step). ``False`` (default): one sequence per row.
+
+    Otherwise the plan equals ``kvfuse.plan(AttentionSpec(graphs, q_lens))`` (same tensors, same tile maps) but
     is built for a decode step: rows of the same shape (sibling threads) are classified once, the
     per-token segment map is computed on the device, and the metadata goes to the device in one
     non-blocking copy (no host synchronisation).
@@ -63,8 +76,20 @@ def batch_plan(rows: _Seq[PagedSequence], q_len: int | _Seq[int], *, hogwild: bo
     """
     rows = _check_rows("batch_plan", rows, "rows")
     q_lens = _q_lens(rows, q_len)
-    tables, graphs = row_graphs(rows, q_lens, hogwild=hogwild)
     store = rows[0].store
+    if shared_prefix not in (True, False, None):
+        raise TypeError(f"batch_plan: shared_prefix must be True, False or None (automatic), got {shared_prefix!r}")
+    shared = shared_view(rows, q_lens, required=shared_prefix is True) if shared_prefix is not False else None
+    if shared_prefix is not False and hogwild:
+        if shared_prefix:
+            raise ValueError("batch_plan: shared_prefix=True and hogwild=True do not combine (a hogwild row also "
+                             "sees its siblings' earlier tokens)")
+        shared = None
+    if shared is not None:
+        table, segs, q_tokens = shared
+        p = AttentionPlan(AttentionSpec([SegmentGraph(segs)], q_tokens=[q_tokens], device=store.device))
+        return BatchPlan(_block_table([table], store.device), p)
+    tables, graphs = row_graphs(rows, q_lens, hogwild=hogwild)
     p = AttentionPlan(AttentionSpec(graphs, q_lens, device=store.device))
     return BatchPlan(_block_table(tables, store.device), p)
 
@@ -99,6 +124,41 @@ def row_graphs(rows: _Seq[PagedSequence], q_lens: list[int], *, hogwild: bool = 
             g = shapes[key] = SegmentGraph(segs)  # validates names, parents and cycles
         graphs.append(g)
     return tables, graphs
+
+
+def shared_view(rows: _Seq[PagedSequence], q_lens: list[int], *, required: bool = False, pad_last: bool = False):
+    """The rows as one sequence that holds their common prefix once: ``(page table, segments, query token
+    indices)``, or None when they are not siblings with a shareable prefix (with ``required``: ``ValueError``
+    instead). Each row's own pages follow the prefix in order, its last page padded (``pad_last``: the
+    last row's too) so the next region starts on a page boundary; each row's queries are its last
+    ``q_lens[i]`` tokens."""
+    if len(rows) < 2 and not required:
+        return None
+    try:
+        k, n_pre = _common_prefix(rows, "batch_plan(shared_prefix=True)")
+    except ValueError:
+        if required:
+            raise
+        return None
+    if not required and (n_pre < SHARE_MIN_PREFIX or sum(q_lens) > SHARE_MAX_QUERIES):
+        return None
+    if n_pre == 0:
+        if required:
+            raise ValueError("batch_plan(shared_prefix=True): the rows have no common prefix")
+        return None
+    ps = rows[0].store.page_size
+    segs = [_segment(s) for s in rows[0].segments[:k]]
+    table, q_tokens, off = list(rows[0].pages[: n_pre // ps]), [], n_pre
+    for i, r in enumerate(rows):
+        n, pages = r.length - n_pre, r.pages[n_pre // ps:]
+        q_tokens += range(off + n - q_lens[i], off + n)
+        segs += [_segment(s) for s in r.segments[k:]]
+        table += pages
+        stored = len(pages) * ps
+        if stored > n and (pad_last or i < len(rows) - 1):
+            segs.append(Segment(f"{r.segments[-1].name}~page-pad", stored - n))
+        off += stored if (pad_last or i < len(rows) - 1) else n
+    return table, segs, q_tokens
 
 
 def _block_table(tables: list[list[int]], device) -> torch.Tensor:

@@ -167,7 +167,7 @@ def test_threads_plot_draws_lines(tmp_path):
     assert png.stat().st_size > 0
     results = [common.Result(**r) for r in json.loads(js.read_text())["results"]]
     lines = report.plot_series(results)["threads"]["lines"]
-    assert set(lines) == {"graphs", "batched", "one-by-one"} and all([x for x, _ in p] == [1, 3]
+    assert set(lines) == {"graphs", "graphs-rows", "batched", "one-by-one"} and all([x for x, _ in p] == [1, 3]
                                                                      for p in lines.values())
 
 
@@ -213,14 +213,14 @@ def test_threads_rows_and_check(tmp_path, capsys, monkeypatch):
     rc, data = _run(tmp_path, "threads", "--check", *TINY["threads"])
     assert rc == 0
     rows = data["results"]
-    paths = ["graphs", "batched", "one-by-one"]
+    paths = ["graphs", "graphs-rows", "batched", "one-by-one"]
     assert [(r["x"], r["provider"]) for r in rows] == [(x, p) for x in (1, 3) for p in paths]
     for r in rows:
         assert r["status"] == "ok" and r["unit"] == "tok/s" and r["ms"] > 0
         assert r["value"] == pytest.approx(r["x"] * 1000 / r["ms"])
         assert r["baseline"] == f"one-by-one: {r['x']} hf.decode calls of 1 row per step"
-    for g, b, s in (rows[0:3], rows[3:6]):
-        for r in (g, b):
+    for g, a, b, s in (rows[0:4], rows[4:8]):
+        for r in (g, a, b):
             assert r["checked"] and r["max_err"] < 1e-4  # fp32 on CPU: the paths agree to rounding
             n = r["x"] * (2 + threads.WARMUP_STEPS)
             assert f"greedy tokens equal {n}/{n}, 0 near ties" in r["note"]
@@ -235,8 +235,8 @@ def test_threads_check_catches_a_wrong_batched_path(tmp_path):
     argv = [a if a != "1,3" else "2" for a in TINY["threads"]]
     rc, data = _run(tmp_path, "threads", "--check", "--providers", "_wrong", *argv)
     assert rc == 1
-    graphs, batched, single = data["results"]
-    for r in (graphs, batched):
+    graphs, apart, batched, single = data["results"]
+    for r in (graphs, apart, batched):
         assert r["status"] == "WRONG" and r["ms"] is None and "not timed" in r["note"]
     assert single["status"] == "ok" and single["ms"] > 0
 

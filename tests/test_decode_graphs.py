@@ -34,22 +34,32 @@ def _state(rows):
     return [(list(r.pages), list(r.segments)) for r in rows]
 
 
-@pytest.mark.parametrize("hogwild", [False, True], ids=["own", "hogwild"])
+def _one_by_one(model, rows, tok):
+    return torch.cat([hf.decode(model, [r], tok[i: i + 1]) for i, r in enumerate(rows)])
+
+
+@pytest.mark.parametrize("layout", ["own", "hogwild", "shared"])
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
-def test_static_path_equals_hf_decode_across_buckets_and_capacity_growth(arch, hogwild):
+def test_static_path_equals_hf_decode_across_buckets_and_capacity_growth(arch, layout, monkeypatch):
     """3 rows (bucket 4: one padded row), 20 steps from a 246-token prefix: the row capacity (256 tokens)
-    is outgrown mid-way. Logits and every row's K/V equal hf.decode's; the rows' pages and segments too."""
+    is outgrown mid-way. Logits and every row's K/V equal hf.decode's (one row at a time, or the hogwild
+    batch); the rows' pages and segments too. "shared": the rows' common prefix is read once (one
+    sequence in the plan)."""
+    if layout == "shared":
+        monkeypatch.setattr(kvfuse.batch, "SHARE_MIN_PREFIX", 1)
+    hogwild = layout == "hogwild"
     model = _model(arch)
     store, _, ref_rows, rows = _setup(model, 246, 3)
     runner = DecodeGraphs(model, store, hogwild=hogwild, graphs=False)
     tok = torch.randint(0, model.config.vocab_size, (3, 1))
     for _ in range(20):
-        want = hf.decode(model, ref_rows, tok, hogwild=hogwild)
+        want = hf.decode(model, ref_rows, tok, hogwild=True) if hogwild else _one_by_one(model, ref_rows, tok)
         got = runner.decode(rows, tok)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert [r.num_tokens for r in rows] == [r.num_tokens for r in ref_rows]
         tok = want[:, -1].argmax(-1, keepdim=True)
-    assert runner._buckets[4].max_kv == 512  # grew from 256
+    key = ("shared" if layout == "shared" else "rows", 4)
+    assert list(runner._buckets) == [key] and runner._buckets[key].max_kv == 512  # grew from 256
     for r, ref in zip(rows, ref_rows):
         k, v = r.gather()
         k0, v0 = ref.gather()
@@ -113,21 +123,23 @@ def test_static_plan_load_checks_capacity_before_writing():
     assert torch.equal(sp.token_seg, before[0]) and torch.equal(sp.kv_lens, before[1])
 
 
-def test_cuda_graph_replays_equal_hf_decode():
-    """On a GPU: captured once per bucket, replayed every step; bf16 logits and K/V equal hf.decode's
-    (the same kernels run eagerly)."""
+@pytest.mark.parametrize("prefix", [246, 300], ids=["rows", "shared"])
+def test_cuda_graph_replays_equal_hf_decode(prefix):
+    """On a GPU: captured once per bucket, replayed every step; bf16 logits and K/V equal those of
+    hf.decode one row at a time (the same kernels run eagerly). A 300-token prefix is read once (shared)."""
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need a CUDA GPU")
     dev = torch.device("cuda")
     model = _model("llama", device=dev, dtype=torch.bfloat16)
-    store, _, ref_rows, rows = _setup(model, 246, 3, page_size=16)
+    store, _, ref_rows, rows = _setup(model, prefix, 3, page_size=16)
     runner = DecodeGraphs(model, store)
     tok = torch.randint(0, model.config.vocab_size, (3, 1), device=dev)
     for _ in range(20):
-        want = hf.decode(model, ref_rows, tok)
+        want = _one_by_one(model, ref_rows, tok)
         got = runner.decode(rows, tok)
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
         tok = want[:, -1].argmax(-1, keepdim=True)
-    assert runner._buckets[4].graph is not None
+    key = ("shared" if prefix >= kvfuse.batch.SHARE_MIN_PREFIX else "rows", 4)
+    assert list(runner._buckets) == [key] and runner._buckets[key].graph is not None
     for r, ref in zip(rows, ref_rows):
         torch.testing.assert_close(r.gather()[0].float(), ref.gather()[0].float(), rtol=2e-2, atol=2e-2)

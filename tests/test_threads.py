@@ -11,6 +11,7 @@ import torch
 import kvfuse
 from kvfuse import PagedKVStore
 from kvfuse.reference import rotate
+from tests.conftest import TOL, device_for, skip_unless_supported
 
 L, H, D, PS = 2, 2, 16, 4
 ROPE = kvfuse.RopeConfig(head_dim=D, rotary_dim=12, theta=1000.0)
@@ -387,3 +388,50 @@ def test_join_parents_stay_short_and_see_everything():
     g = seq.token_graph()
     j0, j1 = g.token_range(seq.segments[-1].name)
     assert bool(g.dense_mask()[j0:j1, :j0].all())
+
+
+@pytest.mark.parametrize("window,softcap", [(None, 0.0), (4, 0.0), (None, 3.0)], ids=["plain", "window", "softcap"])
+def test_shared_prefix_plan_gives_each_rows_attention(backend, window, softcap):
+    """batch_plan(shared_prefix=True): the rows as one sequence reading the prefix once; every row's
+    queries get what its own plan gives (torch, Triton, CUDA), over several steps and q lengths."""
+    dev = device_for(backend)
+    s = kvfuse.PagedKVStore(L, 64, PS, H, D, device=dev)
+    p = s.sequence()
+    p.append_kv(*(t.to(dev) for t in _kv(9)))
+    rows = kvfuse.fork(p, 4)
+    for r, n in zip(rows, (5, 0, 3, 2)):
+        if n:
+            r.append_kv(*(t.to(dev) for t in _kv(n)))
+    dtype = torch.float32 if backend == "torch" else torch.float16
+    k, v = s.k_cache[1].to(dtype), s.v_cache[1].to(dtype)
+    skip_unless_supported("segment_attention", backend, q=torch.empty(1, 2 * H, D, dtype=dtype, device=dev),
+                          k_cache=k)
+    for q_lens in ([1, 1, 1, 1], [2, 1, 3, 1], [1, 1, 1, 1]):
+        for r, n in zip(rows, q_lens):
+            r.append_kv(*(t.to(dev) for t in _kv(n)))
+        own, shared = kvfuse.batch_plan(rows, q_lens), kvfuse.batch_plan(rows, q_lens, shared_prefix=True)
+        assert shared.block_table.shape[0] == 1 and shared.plan.total_q == sum(q_lens)
+        q = torch.randn(sum(q_lens), 2 * H, D, device=dev).to(dtype)
+        kw = dict(backend=backend, window=window, softcap=softcap)
+        want = kvfuse.attention(q, k, v, own.block_table, own.plan, **kw)
+        got = kvfuse.attention(q, k, v, shared.block_table, shared.plan, **kw)
+        torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+def test_shared_prefix_choice():
+    s = kvfuse.PagedKVStore(L, 200, PS, H, D)
+    p = s.sequence()
+    p.append_kv(*_kv(300))
+    rows = kvfuse.fork(p, 3)
+    for r in rows:
+        r.append_kv(*_kv(1))
+    assert kvfuse.batch_plan(rows, 1, shared_prefix=None).block_table.shape[0] == 1  # siblings, long prefix
+    assert kvfuse.batch_plan(rows, 6, shared_prefix=None).block_table.shape[0] == 3  # 18 queries: not a decode
+    assert kvfuse.batch_plan(rows[:1], 1, shared_prefix=None).block_table.shape[0] == 1
+    other = s.sequence()
+    other.append_kv(*_kv(2))
+    assert kvfuse.batch_plan(rows[:2] + [other], 1, shared_prefix=None).block_table.shape[0] == 3  # not siblings
+    with pytest.raises(ValueError, match="takes sibling threads"):
+        kvfuse.batch_plan(rows[:2] + [other], 1, shared_prefix=True)
+    with pytest.raises(ValueError, match="do not combine"):
+        kvfuse.batch_plan(rows, 1, shared_prefix=True, hogwild=True)

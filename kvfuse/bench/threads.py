@@ -8,6 +8,8 @@ of `PREFILL_CHUNK` tokens). Then, for every T of ``--threads`` (default 1,2,4,8)
 * ``graphs``: the batched step as one CUDA-graph replay per step
   (`kvfuse.integrations.hf_graphs.DecodeGraphs`, captured once per batch-size bucket; on CPU the same
   static path runs eagerly).
+* ``graphs-rows``: the same with every row reading the prefix itself (``shared_prefix=False``): the
+  attention reads the prefix's K/V T times per step instead of once.
 * ``batched``: T threads forked from the prefix (`kvfuse.fork`, no copy) decode greedily with ONE
   `hf.decode` call per step: every layer runs one `kvfuse.attention` call over the T rows.
 * ``one-by-one``: T fresh threads forked from the same prefix, each decoded by its own `hf.decode`
@@ -16,16 +18,16 @@ of `PREFILL_CHUNK` tokens). Then, for every T of ``--threads`` (default 1,2,4,8)
 Both start from the same T distinct first tokens and run `WARMUP_STEPS` untimed steps, then
 ``--steps`` timed ones. ms per step: median, p20 and p80 over the timed steps (CUDA events around
 each step on a GPU, ``time.perf_counter`` on CPU); tok/s = T tokens per step / step time; speed-up:
-one-by-one time / each path's time; "x the floor": step time over the time to read the weights and
-the rows' K/V once at the read ceiling (measured by ``ceilings`` in ``all``, else bench/TARGETS.md's
-anchor). The threads are released after each path (the prefix stays).
+one-by-one time / each path's time; "x the floor": step time over the time to read the weights, the
+prefix's K/V and the threads' own K/V once at the read ceiling (measured by ``ceilings`` in ``all``,
+else bench/TARGETS.md's anchor). The threads are released after each path (the prefix stays).
 
-Before timing, both paths run all their steps once on separate forks (the check below, or, without
+Before timing, all paths run all their steps once on separate forks (the check below, or, without
 ``--check``, the same pass with its verdict unused): the timed steps then pay no first-call costs
 (e.g. kernel variants compiled for lengths first reached while decoding).
 
 ``--check`` (before timing, on separate forks of the prefix): for ``WARMUP_STEPS + --steps`` steps
-both paths are fed the same tokens (the batched path's greedy choices, so one disagreement cannot
+every path is fed the same tokens (the graphs path's greedy choices, so one disagreement cannot
 make the rest diverge). Their last-position logits must agree normwise (`NORM_TOL`: bf16 5e-2, fp32
 1e-4) at every step, and their greedy tokens must be equal, except at a near tie: where the batched
 logits of the two candidates differ by at most twice the largest logit difference between the two
@@ -83,36 +85,41 @@ def _release(threads) -> None:
 
 
 def check(hf, model, prefix, tok0: torch.Tensor, n_steps: int, tol: float, wrong: bool = False,
-          step=_step_batched) -> dict:
-    """Decode ``n_steps`` with ``step`` (the batched path) and one by one from ``tok0`` (``[T, 1]``) on fresh
-    forks of ``prefix``, feeding both the batched path's greedy tokens; compare logits (normwise) and greedy
-    tokens (near ties allowed)."""
+          steps=(_step_batched,)) -> list[dict]:
+    """Decode ``n_steps`` with each batched path of ``steps`` and one by one from ``tok0`` (``[T, 1]``), each
+    on fresh forks of ``prefix``, all fed the first path's greedy tokens; compare every batched path's
+    logits with the one-by-one ones (normwise) and its greedy tokens (near ties allowed). One result per
+    path."""
     T = tok0.shape[0]
-    batched, single = kvfuse.fork(prefix, T), kvfuse.fork(prefix, T)
-    err, equal, ties, bad = 0.0, 0, 0, 0
+    forks = [kvfuse.fork(prefix, T) for _ in steps]
+    single = kvfuse.fork(prefix, T)
+    res = [dict(err=0.0, equal=0, ties=0, bad=0) for _ in steps]
     try:
         tok = tok0
         for _ in range(n_steps):
-            lb = step(hf, model, batched, tok).float()
+            outs = [step(hf, model, f, tok).float() for step, f in zip(steps, forks)]
             ls = _step_one_by_one(hf, model, single, tok).float()
-            if wrong:
-                lb = perturb(lb.clone())
-            e = float((ls - lb).norm() / lb.norm().clamp_min(1e-30))
-            err = max(err, e) if math.isfinite(e) else math.inf
-            gb, gs = lb.argmax(-1), ls.argmax(-1)
-            same = gb == gs
-            delta = (ls - lb).abs().amax(-1)
-            gap = lb.gather(-1, gb[:, None])[:, 0] - lb.gather(-1, gs[:, None])[:, 0]
-            tie = ~same & (gap <= 2 * delta)
-            equal += int(same.sum())
-            ties += int(tie.sum())
-            bad += int((~same & ~tie).sum())
-            tok = gb[:, None]
+            for r, lb in zip(res, outs):
+                if wrong:
+                    lb = perturb(lb.clone())
+                e = float((ls - lb).norm() / lb.norm().clamp_min(1e-30))
+                r["err"] = max(r["err"], e) if math.isfinite(e) else math.inf
+                gb, gs = lb.argmax(-1), ls.argmax(-1)
+                same = gb == gs
+                delta = (ls - lb).abs().amax(-1)
+                gap = lb.gather(-1, gb[:, None])[:, 0] - lb.gather(-1, gs[:, None])[:, 0]
+                tie = ~same & (gap <= 2 * delta)
+                r["equal"] += int(same.sum())
+                r["ties"] += int(tie.sum())
+                r["bad"] += int((~same & ~tie).sum())
+            tok = outs[0].argmax(-1)[:, None]
     finally:
-        _release(batched)
+        for f in forks:
+            _release(f)
         _release(single)
-    ok = err <= tol and bad == 0
-    return dict(ok=ok, err=err, equal=equal, ties=ties, bad=bad, total=T * n_steps)
+    for r in res:
+        r.update(ok=r["err"] <= tol and r["bad"] == 0, total=T * n_steps)
+    return res
 
 
 def time_path(ctx: Ctx, hf, model, prefix, tok0: torch.Tensor, warmup: int, steps: int, step):
@@ -167,7 +174,7 @@ def run(ctx: Ctx) -> None:
 
     model, cfg = build_model(ctx, layers, hq, hkv, d, attn_implementation="kvfuse")
     per_thread = -(-(warmup + steps) // page)
-    store = kvfuse.PagedKVStore.from_hf(cfg, -(-P // page) + 2 * max(counts) * per_thread + 2, page,
+    store = kvfuse.PagedKVStore.from_hf(cfg, -(-P // page) + 2 * max(counts) * per_thread + 2 * max(counts) + 2, page,
                                         dtype=ctx.dtype, device=dev)
     gen = torch.Generator().manual_seed(0)
     prefix = store.sequence("prefix")
@@ -190,27 +197,34 @@ def run(ctx: Ctx) -> None:
     try:
         for T in counts:
             case = f"T={T}: {T} threads forked from a {P}-token prefix, {steps} steps, {layers} layers, {dt}"
-            kv_bytes = T * 2 * layers * (P + warmup + steps) * hkv * d * store.k_cache.element_size()
+            kv_bytes = 2 * layers * (P + T * (warmup + steps)) * hkv * d * store.k_cache.element_size()
             floor_ms = (weight_bytes + kv_bytes) / (read_bw * 1e12) * 1e3 if read_bw else None
-            floor = (f"; floor (weights {weight_bytes / 1e9:.3g} GB + KV {kv_bytes / 1e9:.3g} GB at the read "
+            floor = (f"; floor (weights {weight_bytes / 1e9:.3g} GB + K/V {kv_bytes / 1e9:.3g} GB at the read "
                      f"ceiling {read_bw:.3g} TB/s): {floor_ms:.3g} ms/step") if floor_ms else ""
             rows = [Result(NAME, case, "graphs", f"graphs: 1 CUDA-graph replay of {T} rows per step (DecodeGraphs)",
                            "ok", unit="tok/s", group=case, x=T, series="graphs",
-                           note="the batched step captured once per bucket" + floor),
+                           note="the batched step captured once per bucket; the prefix read once" + floor),
+                    Result(NAME, case, "graphs-rows", f"graphs, each row reading the prefix: {T} rows per step",
+                           "ok", unit="tok/s", group=case, x=T, series="graphs-rows",
+                           note="DecodeGraphs(shared_prefix=False)"),
                     Result(NAME, case, "batched", f"batched: 1 hf.decode call of {T} rows per step", "ok",
                            unit="tok/s", group=case, x=T, series="batched",
                            note="one kvfuse.attention call per layer over the T threads"),
                     Result(NAME, case, BASELINE, f"one-by-one: {T} hf.decode calls of 1 row per step", "ok",
                            unit="tok/s", group=case, x=T, series="one-by-one")]
             runner = DecodeGraphs(model, store, max_batch=T)
-            steps_of = {"graphs": _step_graphs(runner), "batched": _step_batched, BASELINE: _step_one_by_one}
+            apart = DecodeGraphs(model, store, max_batch=T, shared_prefix=False)
+            steps_of = {"graphs": _step_graphs(runner), "graphs-rows": _step_graphs(apart), "batched": _step_batched,
+                        BASELINE: _step_one_by_one}
             try:
                 tok0 = torch.randperm(cfg.vocab_size, generator=gen)[:T, None].to(dev)  # T distinct first tokens
                 # Every path over every step first (the check, or without --check an untimed priming
                 # pass): the timed steps then see no first-call costs at all (kernel variants a compiler
                 # specialises on lengths that change while decoding, graph captures).
-                for r in rows[:2]:
-                    c = check(hf, model, prefix, tok0, warmup + steps, tol, wrong, steps_of[r.provider])
+                checked = rows[:3]
+                results = check(hf, model, prefix, tok0, warmup + steps, tol, wrong,
+                                [steps_of[r.provider] for r in checked])
+                for r, c in zip(checked, results):
                     if a.check:
                         r.checked, r.max_err = True, c["err"]
                         what = (f"vs one-by-one: logits normwise error {c['err']:.2g} (tol {tol:g}), greedy tokens "
@@ -240,6 +254,7 @@ def run(ctx: Ctx) -> None:
                 free_memory(dev, reset_compiled=False)
             finally:
                 runner.close()
+                apart.close()
             speedups(rows, a.baseline or BASELINE)
             ctx.results.extend(rows)
             print_table(Case(NAME, case, {}, [], group=case, x=T, header=header), rows, ctx)
@@ -257,8 +272,8 @@ def _print_summary(summary, ctx: Ctx) -> None:
     print(f"\n### {NAME}: summary" + (" (CPU timings)" if ctx.cpu else ""))
     print("| T | graphs ms/step | batched ms/step | one-by-one ms/step | graphs tok/s | graphs vs T=1 tok/s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    base = next((g.value for T, (g, _, _) in summary if T == 1 and g.value), None)
-    for T, (g, b, s) in summary:
+    base = next((g.value for T, (g, *_) in summary if T == 1 and g.value), None)
+    for T, (g, _, b, s) in summary:
         scale = f"{g.value / base:.2f}×" if base and g.value else "–"
         print(f"| {T} | {_fmt(g.ms, '.3g')} | {_fmt(b.ms, '.3g')} | {_fmt(s.ms, '.3g')} | {_fmt(g.value, ',.0f')} | "
               f"{scale} |")

@@ -359,7 +359,8 @@ class KVFuseCache(Cache):
         try:
             slots = torch.cat([r.reserve(q, on_host=True) for r in self.rows])
             self._step = _Step(q, to_device_async(slots, self.store.device),
-                               batch_plan(self.rows, q, hogwild=self.hogwild), positions, undo=undo)
+                               batch_plan(self.rows, q, hogwild=self.hogwild, shared_prefix=None), positions,
+                               undo=undo)
         except Exception:
             self._undo(_Step(q, None, None, positions, undo=undo))
             raise

@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache
 
 from kvfuse._checks import check_int
 from kvfuse.attention import AttentionPlan, AttentionSpec, attention
-from kvfuse.batch import row_graphs
+from kvfuse.batch import row_graphs, shared_view
 from kvfuse.integrations.hf import CACHE_KW, NAME, KVFuseCache, _check_mask, _options, _PagedLayer
 from kvfuse.integrations.hf_config import UnsupportedModel, cache_shape, unsupported_attention
 from kvfuse.paged import OutOfPages
@@ -122,12 +122,14 @@ class DecodeGraphs:
 
     Args:
         model: a causal LM running ``attn_implementation="kvfuse"``, on the store's device and dtype.
-        store: the `kvfuse.PagedKVStore` the rows live in (`PagedKVStore.from_hf`). The runner holds one
-            of its pages (a scratch page for padded rows) until `close`.
+        store: the `kvfuse.PagedKVStore` the rows live in (`PagedKVStore.from_hf`). The runner holds
+            ``ceil(max_batch / page_size)`` of its pages (scratch pages for padded rows) until `close`.
         max_batch: the largest batch; buckets are the powers of two up to it (and it).
         hogwild: rows are sibling threads that also see each other's earlier tokens (`kvfuse.batch_plan`).
         graphs: capture CUDA graphs (default: when the store is on a CUDA device); ``False`` runs the
             same static path eagerly.
+        shared_prefix: read a long common prefix of sibling rows once per step (`kvfuse.batch_plan`'s
+            automatic choice); ``False``: every row reads its own view.
 
     `decode(rows, input_ids)` has `hf.decode`'s contract for one token per row: the rows grow by one
     token each (in place) and the logits ``[B, 1, vocab]`` are returned. A refused call (bad rows or
@@ -135,7 +137,7 @@ class DecodeGraphs:
     """
 
     def __init__(self, model, store: PagedKVStore, *, max_batch: int = 8, hogwild: bool = False,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, shared_prefix: bool = True):
         if not isinstance(store, PagedKVStore):
             raise TypeError(f"DecodeGraphs: store must be a kvfuse.PagedKVStore, got {type(store).__name__}")
         config = getattr(model, "config", None)
@@ -152,19 +154,19 @@ class DecodeGraphs:
             raise ValueError(f"DecodeGraphs: the model is on {param.device} in {param.dtype}, the store on "
                              f"{store.device} in {store.k_cache.dtype}")
         self.max_batch = check_int("DecodeGraphs: max_batch", max_batch, lo=1)
-        self.model, self.store, self.hogwild = model, store, bool(hogwild)
+        self.model, self.store, self.hogwild, self.shared_prefix = model, store, bool(hogwild), bool(shared_prefix)
         self.graphs = store.device.type == "cuda" if graphs is None else bool(graphs)
         if self.graphs and store.device.type != "cuda":
             raise ValueError("DecodeGraphs: graphs=True needs a store on a CUDA device")
         self.buckets = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
-        self._scratch = store._alloc_ids(1)[0]  # padded rows write here
+        self._scratch = store._alloc_ids(-(-self.max_batch // store.page_size))  # padded rows write here
         self._buckets: dict[int, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def close(self) -> None:
         """Drop the graphs and give the scratch page back."""
         if self._scratch is not None:
-            self.store.decref([self._scratch])
+            self.store.decref(self._scratch)
             self._scratch = None
         self._buckets.clear()
 
@@ -191,11 +193,9 @@ class DecodeGraphs:
         try:
             positions = [r.next_position for r in rows]
             slots = torch.cat([r.reserve(1, on_host=True) for r in rows])
-            tables, graphs = row_graphs(rows, [1] * B, hogwild=self.hogwild)
-            n_pad = size - B
-            plan = AttentionPlan(AttentionSpec(graphs + [_PAD_GRAPH] * n_pad, [1] * size))
-            bucket = self._bucket(size, plan, tables)
-            self._load(bucket, plan, tables + [[self._scratch]] * n_pad, input_ids, positions, slots, n_pad)
+            key, plan, tables, pad_slots = self._step_plan(rows, size)
+            bucket = self._bucket(key, plan, tables)
+            self._load(bucket, plan, tables, input_ids, positions, slots, pad_slots)
             logits = self._run(bucket)
         except Exception:
             for r, snap in reversed(list(zip(rows, undo))):
@@ -203,9 +203,28 @@ class DecodeGraphs:
             raise
         return logits[:B].clone()
 
-    def _bucket(self, size: int, plan: AttentionPlan, tables) -> _Bucket:
-        """The bucket of ``size`` rows, made (again, with doubled capacity) when the plan outgrows it."""
-        bk = self._buckets.get(size)
+    def _step_plan(self, rows, size: int):
+        """``(bucket key, host plan, block table rows, slots of the padded rows)`` of a step of ``rows``
+        padded to ``size``: sibling rows of a long common prefix as one sequence that reads the prefix once
+        (`kvfuse.batch_plan`'s ``shared_prefix``), other rows one sequence each."""
+        B, n_pad, ps = len(rows), size - len(rows), self.store.page_size
+        shared = shared_view(rows, [1] * B, pad_last=True) if self.shared_prefix and not self.hogwild else None
+        if shared is None:
+            tables, graphs = row_graphs(rows, [1] * B, hogwild=self.hogwild)
+            plan = AttentionPlan(AttentionSpec(graphs + [_PAD_GRAPH] * n_pad, [1] * size))
+            pad = self._scratch[0] * ps
+            return ("rows", size), plan, tables + [[self._scratch[0]]] * n_pad, [pad] * n_pad
+        table, segs, q_tokens = shared
+        off = sum(s.length for s in segs)  # page-aligned: the padded rows' tokens fill scratch pages
+        segs = segs + [Segment(f"pad-row-{j}", 1) for j in range(n_pad)]
+        plan = AttentionPlan(AttentionSpec([SegmentGraph(segs)], q_tokens=[q_tokens + list(range(off, off + n_pad))]))
+        scratch = self._scratch[: -(-n_pad // ps)]
+        return ("shared", size), plan, [table + scratch], [scratch[j // ps] * ps + j % ps for j in range(n_pad)]
+
+    def _bucket(self, key, plan: AttentionPlan, tables) -> _Bucket:
+        """The bucket of ``key`` (layout, rows), made (again, with doubled capacity) when the plan
+        outgrows it."""
+        bk = self._buckets.get(key)
         n_seg = plan.ancestors.shape[-1]
         width = max(len(t) for t in tables)
         ps = self.store.page_size
@@ -214,16 +233,18 @@ class DecodeGraphs:
         max_kv = max(bk.max_kv * 2 if bk else 0, _pow2(max(plan.max_kv, width * ps, 256)))
         max_seg = max(bk.max_segments * 2 if bk else 0, _pow2(max(n_seg, 8)))
         dev = self.store.device
-        sp = StaticPlan(size, 1, max_kv, max_seg, device=dev)
+        size = key[1]
+        rows = 1 if key[0] == "shared" else size
+        sp = StaticPlan(rows, size // rows, max_kv, max_seg, device=dev)
         inputs = _Buffers({"input_ids": (torch.int32, (size, 1)), "position_ids": (torch.int32, (size, 1)),
                            "slots": (torch.int32, (size,))}, dev)
-        table_buf = _Buffers({"block_table": (torch.int32, (size, -(-max_kv // ps)))}, dev)
+        table_buf = _Buffers({"block_table": (torch.int32, (rows, -(-max_kv // ps)))}, dev)
         bk = _Bucket(size, max_kv, max_seg, sp, inputs, table_buf.views["block_table"], table_buf)
         bk.cache = _StaticCache(self.store, bk, self.model.config)
-        self._buckets[size] = bk
+        self._buckets[key] = bk
         return bk
 
-    def _load(self, bk: _Bucket, plan, tables, input_ids, positions, slots, n_pad: int) -> None:
+    def _load(self, bk: _Bucket, plan, tables, input_ids, positions, slots, pad_slots) -> None:
         h = bk.inputs.begin()
         B = len(positions)
         on_dev = input_ids.device == self.store.device and input_ids.device.type != "cpu"
@@ -233,7 +254,7 @@ class DecodeGraphs:
         h["position_ids"][:B, 0] = torch.tensor(positions, dtype=torch.int32)
         h["position_ids"][B:] = 0
         h["slots"][:B] = slots.to(torch.int32)
-        h["slots"][B:] = self._scratch * self.store.page_size
+        h["slots"][B:] = torch.tensor(pad_slots, dtype=torch.int32)
         bk.inputs.commit()
         if on_dev:  # ids the previous step computed on the device: copied there, no wait for that step
             bk.inputs.views["input_ids"][:B].copy_(input_ids)
