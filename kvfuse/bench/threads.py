@@ -28,7 +28,9 @@ Before timing, all paths run all their steps once on separate forks (the check b
 
 ``--check`` (before timing, on separate forks of the prefix): for ``WARMUP_STEPS + --steps`` steps
 every path is fed the same tokens (the graphs path's greedy choices, so one disagreement cannot
-make the rest diverge). Their last-position logits must agree normwise (`NORM_TOL`: bf16 5e-2, fp32
+make the rest diverge); the graph paths are compared with the same static plan run eagerly (what the
+capture must reproduce), the batched path with the one-by-one path. Their last-position logits must
+agree normwise (`NORM_TOL`: bf16 5e-2, fp32
 1e-4) at every step, and their greedy tokens must be equal, except at a near tie: where the batched
 logits of the two candidates differ by at most twice the largest logit difference between the two
 paths in that row (then that difference, which the tolerance allows, can swap them). Near ties are
@@ -85,21 +87,22 @@ def _release(threads) -> None:
 
 
 def check(hf, model, prefix, tok0: torch.Tensor, n_steps: int, tol: float, wrong: bool = False,
-          steps=(_step_batched,)) -> list[dict]:
-    """Decode ``n_steps`` with each batched path of ``steps`` and one by one from ``tok0`` (``[T, 1]``), each
-    on fresh forks of ``prefix``, all fed the first path's greedy tokens; compare every batched path's
-    logits with the one-by-one ones (normwise) and its greedy tokens (near ties allowed). One result per
-    path."""
+          steps=(_step_batched,), refs=(None,)) -> list[dict]:
+    """Decode ``n_steps`` with each batched path of ``steps`` from ``tok0`` (``[T, 1]``), each on fresh forks
+    of ``prefix``, all fed the first path's greedy tokens, and compare each with its reference in ``refs``
+    (None: the one-by-one path; otherwise a step function run on forks of its own, e.g. the same static
+    plan without the graph): logits normwise and greedy tokens (near ties allowed). One result per path."""
     T = tok0.shape[0]
-    forks = [kvfuse.fork(prefix, T) for _ in steps]
-    single = kvfuse.fork(prefix, T)
+    ref_fns = list(dict.fromkeys([_step_one_by_one if r is None else r for r in refs]))
+    forks = [kvfuse.fork(prefix, T) for _ in list(steps) + ref_fns]
     res = [dict(err=0.0, equal=0, ties=0, bad=0) for _ in steps]
     try:
         tok = tok0
         for _ in range(n_steps):
-            outs = [step(hf, model, f, tok).float() for step, f in zip(steps, forks)]
-            ls = _step_one_by_one(hf, model, single, tok).float()
-            for r, lb in zip(res, outs):
+            outs = [fn(hf, model, f, tok).float() for fn, f in zip(list(steps) + ref_fns, forks)]
+            ref_out = dict(zip(ref_fns, outs[len(steps):]))
+            for r, lb, ref in zip(res, outs, refs):
+                ls = ref_out[_step_one_by_one if ref is None else ref]
                 if wrong:
                     lb = perturb(lb.clone())
                 e = float((ls - lb).norm() / lb.norm().clamp_min(1e-30))
@@ -116,7 +119,6 @@ def check(hf, model, prefix, tok0: torch.Tensor, n_steps: int, tol: float, wrong
     finally:
         for f in forks:
             _release(f)
-        _release(single)
     for r in res:
         r.update(ok=r["err"] <= tol and r["bad"] == 0, total=T * n_steps)
     return res
@@ -174,8 +176,9 @@ def run(ctx: Ctx) -> None:
 
     model, cfg = build_model(ctx, layers, hq, hkv, d, attn_implementation="kvfuse")
     per_thread = -(-(warmup + steps) // page)
-    store = kvfuse.PagedKVStore.from_hf(cfg, -(-P // page) + 2 * max(counts) * per_thread + 2 * max(counts) + 2, page,
-                                        dtype=ctx.dtype, device=dev)
+    forks = 5  # the check's paths and references decode side by side, each on its own forks
+    num_pages = -(-P // page) + forks * max(counts) * per_thread + 3 * max(counts) + 2  # + scratch pages
+    store = kvfuse.PagedKVStore.from_hf(cfg, num_pages, page, dtype=ctx.dtype, device=dev)
     gen = torch.Generator().manual_seed(0)
     prefix = store.sequence("prefix")
     t0 = time.perf_counter()
@@ -214,6 +217,7 @@ def run(ctx: Ctx) -> None:
                            unit="tok/s", group=case, x=T, series="one-by-one")]
             runner = DecodeGraphs(model, store, max_batch=T)
             apart = DecodeGraphs(model, store, max_batch=T, shared_prefix=False)
+            eager = DecodeGraphs(model, store, max_batch=T, graphs=False)  # the graphs' reference: no capture
             steps_of = {"graphs": _step_graphs(runner), "graphs-rows": _step_graphs(apart), "batched": _step_batched,
                         BASELINE: _step_one_by_one}
             try:
@@ -222,12 +226,15 @@ def run(ctx: Ctx) -> None:
                 # pass): the timed steps then see no first-call costs at all (kernel variants a compiler
                 # specialises on lengths that change while decoding, graph captures).
                 checked = rows[:3]
+                static = _step_graphs(eager)
+                refs = [static, static, None]  # the graphs against the same static path run eagerly
                 results = check(hf, model, prefix, tok0, warmup + steps, tol, wrong,
-                                [steps_of[r.provider] for r in checked])
-                for r, c in zip(checked, results):
+                                [steps_of[r.provider] for r in checked], refs)
+                for r, c, ref in zip(checked, results, refs):
                     if a.check:
                         r.checked, r.max_err = True, c["err"]
-                        what = (f"vs one-by-one: logits normwise error {c['err']:.2g} (tol {tol:g}), greedy tokens "
+                        against = "the same static plan run eagerly" if ref else "one-by-one"
+                        what = (f"vs {against}: logits normwise error {c['err']:.2g} (tol {tol:g}), greedy tokens "
                                 f"equal {c['equal']}/{c['total']}, {c['ties']} near ties")
                         if c["bad"]:
                             what += f", {c['bad']} disagree"
@@ -253,8 +260,8 @@ def run(ctx: Ctx) -> None:
                         r.status, r.note = "error", f"{type(e).__name__}: {msg}"
                 free_memory(dev, reset_compiled=False)
             finally:
-                runner.close()
-                apart.close()
+                for r in (runner, apart, eager):
+                    r.close()
             speedups(rows, a.baseline or BASELINE)
             ctx.results.extend(rows)
             print_table(Case(NAME, case, {}, [], group=case, x=T, header=header), rows, ctx)
