@@ -163,7 +163,7 @@ class RopeConfig:
             that indexes them.
         """
         if per_token:
-            ang = delta.reshape(-1).to(torch.float64)[:, None] * self.inv_freq().to(delta.device)[None, :]
+            ang = delta.reshape(-1).to(torch.float64)[:, None] * _inv_freq_on(self, delta.device)[None, :]
             index = torch.arange(delta.numel(), dtype=torch.int32, device=delta.device).view(delta.shape)
             cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
             dev = delta.device if device is None else device
@@ -336,6 +336,21 @@ def _inv_freq_cached(cfg: RopeConfig) -> torch.Tensor:
     if t is None:
         t = _compute_inv_freq(cfg)
         _INV_FREQ_CACHE[cfg] = t
+    return t
+
+
+_INV_FREQ_ON: dict = {}
+
+
+def _inv_freq_on(cfg: RopeConfig, device: torch.device) -> torch.Tensor:
+    """`RopeConfig.inv_freq` on ``device``, copied there once: a later call (inside a CUDA-graph capture,
+    where a copy from the host is not allowed) only reads it."""
+    if device.type == "cpu":
+        return _inv_freq_cached(cfg)
+    key = (cfg, str(device))
+    t = _INV_FREQ_ON.get(key)
+    if t is None:
+        t = _INV_FREQ_ON[key] = _inv_freq_cached(cfg).to(device)
     return t
 
 
