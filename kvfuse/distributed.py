@@ -24,6 +24,13 @@ was rotated, so a failed or timed-out transfer leaves the receiver's store as it
 free list and its order, reference counts). The receiver acknowledges; the sender releases its
 sequence (``release=True``) only on that acknowledgement.
 
+**Fork on one rank, merge on another.** Where every rank holds the prompt (the usual case: each worker
+prefilled it), a thread forked on one rank is sent as its own part only (``send_sequence(thread, dst,
+after=prompt)``) and grafted onto the receiver's copy (``recv_sequence(store, src, onto=prompt)``): the
+result is a sibling of the receiver's own threads of that prompt, so `kvfuse.merge` joins them as if
+all had been forked there (bit for bit, `tests/test_distributed.py`). Both prompts must have the same
+structure (checked on both ranks) and the same tokens (not compared).
+
 Timeouts: every wait has a timeout (``timeout=`` seconds, or the process group's own, which
 ``init_process_group(timeout=...)`` sets); a peer that died or never calls the matching function
 gives a `TransferError`, not a hang. After a timeout the group is broken on that rank (gloo closes
@@ -251,14 +258,20 @@ def _check_join_ranks(q, error, group) -> None:
 
 
 # ---------------------------------------------------------------------- compose by moving pages
-def send_sequence(seq: PagedSequence, dst: int, *, group=None, timeout: float | datetime.timedelta | None = None,
-                  release: bool = False) -> None:
+def send_sequence(seq: PagedSequence, dst: int, *, after: PagedSequence | None = None, group=None,
+                  timeout: float | datetime.timedelta | None = None, release: bool = False) -> None:
     """Send ``seq`` (K/V of all layers of its pages, segments, positions) to rank ``dst``, which calls
     `recv_sequence`. Returns once ``dst`` acknowledged that the sequence is stored.
 
     Args:
         seq: a live `PagedSequence`; not modified (unless ``release``).
         dst: global rank of the receiver (not this rank).
+        after: the prefix ``seq`` was forked from (`kvfuse.fork`): only ``seq``'s own part (its pages and
+            segments after the prefix) is sent, and the receiver grafts it onto its own copy of that prefix
+            (`recv_sequence` with ``onto=``), so that the received thread is a sibling of the receiver's
+            own threads of the prefix and `kvfuse.merge` joins them. The two prefixes must have the same
+            structure (segment lengths, positions, parents; checked on both ranks) and hold the same tokens
+            (the caller's guarantee: the K/V are not compared).
         group: the process group (default: the world).
         timeout: seconds (or a ``timedelta``) to wait for each message; None: the group's timeout.
         release: release ``seq`` after the receiver acknowledged (moving it rather than copying).
@@ -274,14 +287,16 @@ def send_sequence(seq: PagedSequence, dst: int, *, group=None, timeout: float | 
     dst = _check_peer("send_sequence: dst", dst, group)
     if not isinstance(release, bool):
         raise TypeError(f"send_sequence: release must be a bool, got {release!r}")
+    segments, first_page, prefix = _own_part(seq, after)
     link = _Link("send_sequence", dst, group, _timeout(timeout), seq.store.device)
-    mine = {**_pool_header(seq.store), "role": "send", "length": seq.length, "num_pages": len(seq.pages),
-            "segments": [dataclasses.astuple(s) for s in seq.segments]}
+    own_pages = seq.pages[first_page:]
+    mine = {**_pool_header(seq.store), "role": "send", "length": sum(s.length for s in segments),
+            "num_pages": len(own_pages), "segments": [dataclasses.astuple(s) for s in segments], "prefix": prefix}
     link.send_json(mine, "header")
     theirs = link.recv_json("the receiver's header")
     _raise_verdict(link.what, _verdict(_normal(mine), theirs))
-    if seq.pages:
-        pages = seq.page_table().long()
+    if own_pages:
+        pages = torch.tensor(own_pages, dtype=torch.int64, device=seq.store.device)
         for name, cache in (("K", seq.store.k_cache), ("V", seq.store.v_cache)):
             link.send(cache[:, pages].contiguous().view(torch.uint8), name)
     if link.recv_status() != 1:
@@ -291,8 +306,38 @@ def send_sequence(seq: PagedSequence, dst: int, *, group=None, timeout: float | 
         seq.release()
 
 
-def recv_sequence(store: PagedKVStore, src: int, *, position: int | None = None, group=None,
-                  timeout: float | datetime.timedelta | None = None, backend: str | None = None) -> PagedSequence:
+def _own_part(seq: PagedSequence, after: PagedSequence | None):
+    """``(segments to send, first page to send, prefix structure or None)``: the whole sequence, or with
+    ``after`` its part after that prefix, the parents naming prefix segments as ``"@<index>"``."""
+    if after is None:
+        return list(seq.segments), 0, None
+    check_instance("send_sequence: after", after, PagedSequence)
+    after.check_live()
+    ps = seq.store.page_size
+    k = len(after.segments)
+    pad = -after.length % ps
+    ok = after.store is seq.store and seq.segments[:k] == after.segments and len(seq.segments) > k
+    if ok and pad:
+        ok = seq.segments[k].pad and seq.segments[k].length == pad and len(seq.segments) > k + 1
+        k += 1
+    n_pre = after.length + pad
+    if not ok or seq.pages[: n_pre // ps] != after.pages:
+        raise ValueError(f"send_sequence: seq does not continue after={after} (seq must be a thread forked from "
+                         f"it: kvfuse.fork(after, n))")
+    index = {s.name: f"@{i}" for i, s in enumerate(after.segments)}
+    own = [dataclasses.replace(s, parents=tuple(index.get(p, p) for p in s.parents)) for s in seq.segments[k:]]
+    return own, n_pre // ps, _prefix_structure(after)
+
+
+def _prefix_structure(seq: PagedSequence) -> list:
+    """A prefix's segments without names: [length, position, pad, parent indices], and its page size."""
+    index = {s.name: i for i, s in enumerate(seq.segments)}
+    return [[s.length, s.position, s.pad, [index[p] for p in s.parents]] for s in seq.segments]
+
+
+def recv_sequence(store: PagedKVStore, src: int, *, position: int | None = None, onto: PagedSequence | None = None,
+                  group=None, timeout: float | datetime.timedelta | None = None,
+                  backend: str | None = None) -> PagedSequence:
     """Receive a sequence sent by `send_sequence` on rank ``src`` into new pages of ``store``.
 
     The segments keep their structure and get new names of this store (``"thread#7"`` becomes
@@ -305,6 +350,9 @@ def recv_sequence(store: PagedKVStore, src: int, *, position: int | None = None,
             rotation as the sender's; any number of pages, any device).
         src: global rank of the sender (not this rank).
         position: new RoPE position of the first token, or None to keep the positions.
+        onto: this store's copy of the prefix the sender named with ``after=``: the received part is
+            grafted onto it (the new sequence holds a reference to its pages, as a `kvfuse.fork` thread
+            does). Both sides give the prefix or neither; not combined with ``position``.
         group, timeout: as for `send_sequence`.
         backend: for the re-rotation (`kvfuse.rerotate_`).
     Returns:
@@ -318,9 +366,15 @@ def recv_sequence(store: PagedKVStore, src: int, *, position: int | None = None,
     src = _check_peer("recv_sequence: src", src, group)
     if position is not None:
         position = check_int("recv_sequence: position", position, lo=0, hi=MAX_POSITION)
+    if onto is not None:
+        check_instance("recv_sequence: onto", onto, PagedSequence)
+        onto.check_live()
+        if onto.store is not store:
+            raise ValueError("recv_sequence: onto must be a sequence of store")
     link = _Link("recv_sequence", src, group, _timeout(timeout), store.device)
     theirs = link.recv_json("the sender's header")
-    mine = {**_pool_header(store), "role": "recv", "position": position, "num_free": store.num_free}
+    mine = {**_pool_header(store), "role": "recv", "position": position, "num_free": store.num_free,
+            "onto": None if onto is None else _prefix_structure(onto)}
     link.send_json(mine, "header")
     _raise_verdict(link.what, _verdict(theirs, _normal(mine)))
     shape = (store.num_layers, theirs["num_pages"], store.page_size, store.num_kv_heads, store.head_dim)
@@ -332,7 +386,7 @@ def recv_sequence(store: PagedKVStore, src: int, *, position: int | None = None,
         segments, delta = _arrived_segments(theirs, position)
         if delta:
             _move_keys(k, segments, delta, store, backend)
-        seq = _store_pages(store, k, v, _renamed(store, segments, delta))
+        seq = _store_pages(store, k, v, _renamed(store, segments, delta, onto), onto)
     except BaseException:
         try:
             link.send_status(0)
@@ -369,6 +423,15 @@ def _verdict(sent: dict, recv: dict) -> tuple[type, str] | None:
             where = _first_difference(a, b, field)
             return ValueError, (f"the stores differ in {where}: sender {_short(_at(a, where, field))}, receiver "
                                 f"{_short(_at(b, where, field))}")
+    if (sent.get("prefix") is None) != (recv.get("onto") is None):
+        return ValueError, ("one side names a prefix and the other does not: give send_sequence(after=) and "
+                            "recv_sequence(onto=) together, or neither")
+    if sent.get("prefix") is not None:
+        if recv.get("position") is not None:
+            return ValueError, "recv_sequence(onto=) grafts the thread onto the prefix: position= cannot move it"
+        if sent["prefix"] != recv["onto"]:
+            return ValueError, (f"the prefixes differ: the sender's is (length, position, pad, parents) "
+                                f"{_short(sent['prefix'])}, the receiver's {_short(recv['onto'])}")
     problem = _check_segments(sent)
     if problem:
         return ValueError, f"the sender's sequence is malformed: {problem}"
@@ -381,7 +444,9 @@ def _verdict(sent: dict, recv: dict) -> tuple[type, str] | None:
 def _check_segments(h: dict) -> str | None:
     try:
         segs = [SegmentInfo(str(s[0]), int(s[1]), tuple(s[2]), int(s[3]), bool(s[4])) for s in h["segments"]]
-        SegmentGraph([Segment(s.name, s.length, s.parents) for s in segs])
+        prefix = [Segment(f"@{i}", int(p[0]), tuple(f"@{j}" for j in p[3]))
+                  for i, p in enumerate(h.get("prefix") or [])]
+        SegmentGraph(prefix + [Segment(s.name, s.length, s.parents) for s in segs])
         length, ps, n = sum(s.length for s in segs), h["page_size"], h["num_pages"]
         if length != h["length"] or n != -(-length // ps):
             return f"{length} tokens in its segments, length {h['length']}, {n} pages of {ps}"
@@ -457,15 +522,27 @@ def _move_keys(k: torch.Tensor, segs: list[SegmentInfo], delta: int, store: Page
     rerotate_(k, slots, old, old + delta, store.rope, backend=backend)
 
 
-def _renamed(store: PagedKVStore, segs: list[SegmentInfo], delta: int) -> list[SegmentInfo]:
-    """``segs`` with names of ``store`` (same structure) and real segments moved by ``delta``."""
+def _renamed(store: PagedKVStore, segs: list[SegmentInfo], delta: int,
+             onto: PagedSequence | None = None) -> list[SegmentInfo]:
+    """``segs`` with names of ``store`` (same structure) and real segments moved by ``delta``; grafted
+    onto ``onto``: its segments (and the pad `kvfuse.fork` puts after a prefix) first, ``"@i"`` parents
+    naming its segments."""
     names = {s.name: store.unique_name(s.name.rsplit("#", 1)[0]) for s in segs}
-    return [dataclasses.replace(s, name=names[s.name], parents=tuple(names[p] for p in s.parents),
-                                position=s.position + (0 if s.pad else delta)) for s in segs]
+    head = []
+    if onto is not None:
+        names.update({f"@{i}": s.name for i, s in enumerate(onto.segments)})
+        head = list(onto.segments)
+        pad = -onto.length % store.page_size
+        if pad:
+            head.append(SegmentInfo(store.unique_name("pad"), pad, (), 0, pad=True))
+    return head + [dataclasses.replace(s, name=names[s.name], parents=tuple(names[p] for p in s.parents),
+                                       position=s.position + (0 if s.pad else delta)) for s in segs]
 
 
-def _store_pages(store: PagedKVStore, k: torch.Tensor, v: torch.Tensor, segs: list[SegmentInfo]) -> PagedSequence:
-    """Allocate pages, write the staged ``k``/``v`` ``[L, n, page_size, Hkv, D]``, make the sequence."""
+def _store_pages(store: PagedKVStore, k: torch.Tensor, v: torch.Tensor, segs: list[SegmentInfo],
+                 onto: PagedSequence | None = None) -> PagedSequence:
+    """Allocate pages, write the staged ``k``/``v`` ``[L, n, page_size, Hkv, D]``, make the sequence (after
+    ``onto``'s pages, referenced once more, when grafted)."""
     n, ps = k.shape[1], store.page_size
     pages = store.alloc(n)
     try:
@@ -475,11 +552,14 @@ def _store_pages(store: PagedKVStore, k: torch.Tensor, v: torch.Tensor, segs: li
     except BaseException:
         store.decref(pages.flip(0))  # the free list is as before (alloc's order undone)
         raise
-    return PagedSequence(store, pages.tolist(), segs)
+    head = list(onto.pages) if onto is not None else []
+    if head:
+        store.incref(head)
+    return PagedSequence(store, head + pages.tolist(), segs)
 
 
 def _undo(seq: PagedSequence) -> None:
-    seq.store.decref(seq.pages[::-1])
+    seq.store.decref(seq.pages[::-1])  # a grafted prefix's pages lose the reference the graft added
     seq.pages, seq.released = [], True
 
 

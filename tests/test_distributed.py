@@ -285,7 +285,66 @@ def _dead_peer_scenario(rank, world):
     return out
 
 
-SCENARIOS = {"join": _join_scenario, "transfer": _transfer_scenario, "dead_peer": _dead_peer_scenario}
+def _graft_scenario(rank, world):
+    """Every rank holds the same prompt. Rank 0 forks a thread, decodes it and sends its own part; rank 1
+    grafts it onto its prompt next to a thread of its own and merges the two (fork on one rank, merge
+    on another). Then the refusals: a prefix on one side only, prefixes of different structure."""
+    store = _store(num_pages=40)
+    prompt = _prompt(store)
+    out = {}
+    if rank == 0:
+        t0 = kvfuse.fork(prompt, 1)[0]
+        t0.append_kv(*_kv(20, 6))
+        free = store.num_free
+        kd.send_sequence(t0, 1, after=prompt, timeout=20.0)
+        out["sent_pages"] = free - store.num_free
+        for case in ("one_sided", "other_prompt"):
+            try:
+                kd.send_sequence(t0, 1, after=prompt, timeout=20.0)
+                out[case] = None
+            except (ValueError, RuntimeError) as e:
+                out[case] = _error(e)
+        other = kvfuse.fork(t0, 1)[0]
+        try:
+            kd.send_sequence(t0, 1, after=other)  # t0 does not continue `other`: refused locally, nothing sent
+        except ValueError as e:
+            out["not_a_thread"] = _error(e)
+        return out
+    t1 = kvfuse.fork(prompt, 1)[0]
+    t1.append_kv(*_kv(21, 3))
+    before = store.num_free
+    got = kd.recv_sequence(store, 0, onto=prompt, timeout=20.0)
+    out["received_pages"] = before - store.num_free
+    out["prompt_refs"] = [store.refcount[p] for p in prompt.pages]
+    merged = kvfuse.merge([got, t1], layout="shared")
+    out["merged"], out["structure"] = merged.gather(), _structure(merged)
+    # the single-process oracle: both threads forked and merged in one store
+    ref = _store(num_pages=40)
+    rp = _prompt(ref)
+    r0, r1 = kvfuse.fork(rp, 2)
+    r0.append_kv(*_kv(20, 6))
+    r1.append_kv(*_kv(21, 3))
+    rm = kvfuse.merge([r0, r1], layout="shared")
+    out["want"], out["want_structure"] = rm.gather(), _structure(rm)
+    longer = store.sequence("prompt")
+    longer.append_kv(*_kv(1, PROMPT + 1))
+    snap = _snapshot(store, [merged, prompt, longer])
+    try:
+        kd.recv_sequence(store, 0, timeout=20.0)  # the sender names a prefix, this side does not
+        out["one_sided"] = None
+    except (ValueError, RuntimeError) as e:
+        out["one_sided"] = _error(e)
+    try:
+        kd.recv_sequence(store, 0, onto=longer, timeout=20.0)
+        out["other_prompt"] = None
+    except (ValueError, RuntimeError) as e:
+        out["other_prompt"] = _error(e)
+    out["unchanged"] = _same(snap, _snapshot(store, [merged, prompt, longer]))
+    return out
+
+
+SCENARIOS = {"join": _join_scenario, "transfer": _transfer_scenario, "dead_peer": _dead_peer_scenario,
+             "graft": _graft_scenario}
 
 
 # ---------------------------------------------------------------------- single-process oracles
@@ -317,6 +376,11 @@ def join_run():
 @pytest.fixture(scope="module")
 def transfer_run():
     return _run("transfer", 2)
+
+
+@pytest.fixture(scope="module")
+def graft_run():
+    return _run("graft", 2)
 
 
 @pytest.fixture(scope="module")
@@ -483,3 +547,26 @@ def test_without_a_process_group_the_error_says_so():
         kd.send_sequence(_prompt(store), 1)
     with pytest.raises(RuntimeError, match="init_process_group"):
         kd.recv_sequence(store, 0)
+
+
+def test_fork_on_one_rank_merge_on_another(graft_run):
+    """The thread forked and decoded on rank 0, sent as its own part only, grafted onto rank 1's copy of
+    the prompt and merged with rank 1's own thread: bit-identical to forking and merging in one store."""
+    snd, rcv = graft_run
+    assert snd["sent_pages"] == 0 and rcv["received_pages"] == 2  # its own pages only, not the prompt's
+    assert rcv["structure"] == rcv["want_structure"]
+    for got, want in zip(rcv["merged"], rcv["want"]):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case,message", [("one_sided", "one side names a prefix"),
+                                          ("other_prompt", "the prefixes differ")])
+def test_graft_refusals_on_both_ranks(graft_run, case, message):
+    snd, rcv = graft_run
+    for res in (snd, rcv):
+        assert res[case] is not None and res[case][0] == "ValueError" and message in res[case][1], res[case]
+    assert all(rcv["unchanged"].values()), rcv["unchanged"]
+
+
+def test_graft_needs_a_thread_of_the_prefix(graft_run):
+    assert graft_run[0]["not_a_thread"][0] == "ValueError" and "does not continue" in graft_run[0]["not_a_thread"][1]
