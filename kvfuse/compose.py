@@ -23,7 +23,9 @@ class SourceSegment:
     """Tokens ``[start, start + length)`` of a sequence stored in ``pages``.
 
     Args:
-        pages: int ``[n]`` page ids of the source sequence.
+        pages: int ``[n]`` page ids of the source sequence, or a ``range`` of page ids (a run of
+            consecutive pages: validated, concatenated and checked for overlaps in O(1) per segment, so a
+            zero-copy composition of runs costs O(segments), not O(pages)).
         length: number of tokens taken (0 allowed).
         start: first token taken, within the source sequence.
         position: RoPE position the first taken token was rotated at (the rest follow by one).
@@ -46,20 +48,72 @@ class Composed:
     starts: the new RoPE position of each segment's first token; new_pages: destination pages written
     by the copy; reused_pages: source pages taken over without a copy (given up or shared read-only).
     ``positions`` (int64 ``[length]``, the position of every token) is built on first use, so that a
-    zero-copy composition costs metadata only.
+    zero-copy composition costs metadata only. When every segment's pages were runs (``range``) and
+    nothing was copied, ``page_runs`` lists the page table as ``(first page, count)`` runs and ``pages`` /
+    ``reused_pages`` are built on first use too (``page_runs`` is None otherwise).
     """
 
-    pages: torch.Tensor
     length: int
     ranges: list[tuple[int, int]]
     starts: list[int]
     new_pages: torch.Tensor
-    reused_pages: torch.Tensor
+    page_runs: tuple[tuple[int, int], ...] | None = None
+    device: torch.device | None = None
+    _pages: torch.Tensor | None = None
+    _reused: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.new_pages is None:
+            self.new_pages = _no_pages(self.device)
+
+    @functools.cached_property
+    def pages(self) -> torch.Tensor:
+        return self._pages if self._pages is not None else _runs_tensor(self.page_runs, self.device)
+
+    @functools.cached_property
+    def reused_pages(self) -> torch.Tensor:
+        return self._reused if self._reused is not None else _runs_tensor(self.page_runs, self.device)
 
     @functools.cached_property
     def positions(self) -> torch.Tensor:
         parts = [torch.arange(p, p + (b - a), dtype=torch.int64) for (a, b), p in zip(self.ranges, self.starts)]
         return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)).to(self.pages.device)
+
+
+_NO_PAGES = torch.empty(0, dtype=torch.int32)  # read only
+_EMPTY: dict = {}
+
+
+def _no_pages(device) -> torch.Tensor:
+    """An empty int32 tensor on ``device`` (one per device: nothing can be written into it)."""
+    t = _EMPTY.get(str(device))
+    if t is None:
+        t = _EMPTY[str(device)] = torch.empty(0, dtype=torch.int32, device=device)
+    return t
+
+
+def _runs_tensor(runs, device) -> torch.Tensor:
+    """int32 page ids of ``(first, count)`` runs, on ``device``."""
+    if not runs:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    return torch.cat([torch.arange(a, a + n, dtype=torch.int32) for a, n in runs]).to(device)
+
+
+def _as_tensor(pages) -> torch.Tensor:
+    """A segment's page list as a host int64 tensor (a run materialised)."""
+    if isinstance(pages, range):
+        return torch.arange(pages.start, pages.stop, dtype=torch.int64)
+    return pages
+
+
+def _disjoint_runs(runs) -> bool:
+    """Whether ``(first, count)`` runs share no page (sorted once: O(runs log runs))."""
+    last = -1
+    for a, n in sorted(r for r in runs if r[1]):
+        if a <= last:
+            return False
+        last = a + n - 1
+    return True
 
 
 @dataclasses.dataclass
@@ -119,8 +173,17 @@ def _plan_layout(segments, page_size, new_positions) -> _Layout:
     return lay
 
 
-def _page_table(segments, lay: _Layout, dst: torch.Tensor, num_pages: int) -> torch.Tensor:
-    """Validate the destination pages and assemble the composed page table (int32)."""
+def _page_table(segments, lay: _Layout, dst: torch.Tensor, num_pages: int):
+    """Validate the destination pages and assemble the composed page table (int32), or with runs only
+    (nothing copied) the table as ``(first, count)`` runs."""
+    if not lay.n_new and all(isinstance(p, range) for k, p in lay.table):
+        runs = tuple((p.start, len(p)) for _, p in lay.table)
+        if not _disjoint_runs(runs):
+            raise ValueError("the composed page table holds duplicate page ids (two segments share a page); each "
+                             "must appear once")
+        return runs
+    lay.table = [(k, _as_tensor(p) if k == "reuse" else p) for k, p in lay.table]
+    segments = [dataclasses.replace(s, pages=_as_tensor(s.pages)) for s in segments]
     check_unique("dst_pages", dst, "page ids", upper=num_pages)
     if dst.numel() < lay.n_new:
         raise ValueError(f"dst_pages: this composition copies into {lay.n_new} pages, got {dst.numel()}")
@@ -207,45 +270,63 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     for s in segments:
         ranges.append((off, off + s.length))
         off += s.length
+    if isinstance(table, tuple):  # runs only, nothing copied: the tables are built on first use
+        return Composed(off, ranges, new_pos, None, page_runs=table, device=k_cache.device)
     reused = [p for k, p in lay.table if k == "reuse"]
     reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
     out = to_device_async(torch.cat([table, dst.to(torch.int32), reused_t]), k_cache.device)
     table_d, dst_d, reused_d = out.split([table.numel(), dst.numel(), reused_t.numel()])
-    return Composed(table_d, off, ranges, new_pos, dst_d, reused_d)
+    return Composed(off, ranges, new_pos, dst_d, device=k_cache.device, _pages=table_d, _reused=reused_d)
 
 
 def _host_segments(segments, k_cache: torch.Tensor) -> list[SourceSegment]:
-    """Validate the segments and return them with host (int64) page lists. The page lists on the
-    device come back in one transfer (the only device round trip; none for host page lists)."""
+    """Validate the segments and return them with host page lists (int64 tensors, or runs). The page
+    lists on the device come back in one transfer (the only device round trip; none for host page
+    lists or runs)."""
     segments = list(segments)
     if not segments:
         raise ValueError("segments must not be empty")
-    page_size = k_cache.shape[-3]
+    page_size, num_pages = k_cache.shape[-3], k_cache.shape[-4]
+    host, on_dev = [], []
     for i, s in enumerate(segments):
         if not isinstance(s, SourceSegment):
             raise TypeError(f"segments[{i}] must be a kvfuse.SourceSegment, got {type(s).__name__}")
-        check_tensor(f"segments[{i}].pages", s.pages, ndim=1, dtype=(torch.int32, torch.int64))
         for field in ("length", "start", "position"):
             val = getattr(s, field)
-            if not isinstance(val, int) or isinstance(val, bool):
+            if type(val) is not int and (not isinstance(val, int) or isinstance(val, bool)):
                 raise TypeError(f"segments[{i}].{field} must be an int, got {val!r}")
-        if s.pages.device != k_cache.device and s.pages.device.type != "cpu":
-            raise ValueError(f"segments[{i}].pages must be on {k_cache.device} or the CPU, got {s.pages.device}")
-    on_dev = [i for i, s in enumerate(segments) if s.pages.device.type != "cpu"]
-    host = [s.pages.to(torch.int64) for s in segments]
+        pages = s.pages
+        if isinstance(pages, range):
+            _check_run(f"segments[{i}].pages", pages, num_pages)
+        else:
+            check_tensor(f"segments[{i}].pages", pages, ndim=1, dtype=(torch.int32, torch.int64))
+            if pages.device.type != "cpu":
+                if pages.device != k_cache.device:
+                    raise ValueError(f"segments[{i}].pages must be on {k_cache.device} or the CPU, got {pages.device}")
+                on_dev.append(i)
+            elif pages.dtype != torch.int64:
+                pages = pages.to(torch.int64)
+        host.append(pages)
     if on_dev:
         fetched = torch.cat([segments[i].pages.to(torch.int64) for i in on_dev]).cpu()
         for i, h in zip(on_dev, fetched.split([segments[i].pages.numel() for i in on_dev])):
             host[i] = h
-    segments = [dataclasses.replace(s, pages=h) for s, h in zip(segments, host)]
-    for i, s in enumerate(segments):
-        check_pages(f"segments[{i}].pages", s.pages, k_cache)
-        if s.start < 0 or s.length < 0 or s.start + s.length > s.pages.numel() * page_size:
+    out = []
+    for i, (s, pages) in enumerate(zip(segments, host)):
+        if not isinstance(pages, range):
+            check_pages(f"segments[{i}].pages", pages, k_cache)
+        if s.start < 0 or s.length < 0 or s.start + s.length > len(pages) * page_size:
             raise ValueError(f"segments[{i}]: tokens [{s.start}, {s.start + s.length}) do not fit its "
-                             f"{s.pages.numel()} pages of {page_size}")
+                             f"{len(pages)} pages of {page_size}")
         if s.position < 0 or s.position + s.length - 1 > MAX_POSITION:
             raise ValueError(f"segments[{i}].position={s.position} must keep its positions in [0, {MAX_POSITION}]")
-    return segments
+        out.append(s if pages is s.pages else dataclasses.replace(s, pages=pages))
+    return out
+
+
+def _check_run(name: str, pages: range, num_pages: int) -> None:
+    if pages.step != 1 or (len(pages) and not (0 <= pages.start and pages.stop <= num_pages)):
+        raise ValueError(f"{name} must be a range of consecutive page ids in [0, {num_pages}) (step 1), got {pages}")
 
 
 def _check_moves(segments, lay: _Layout, new_pos, rope, page_size: int) -> None:
@@ -255,8 +336,8 @@ def _check_moves(segments, lay: _Layout, new_pos, rope, page_size: int) -> None:
 
     kept = [used(s) for s in segments if not s.give_up]
     if lay.rotations and kept:
-        rotated = torch.cat([used(segments[i]) for i in lay.rotations])
-        if bool(torch.isin(rotated, torch.cat(kept)).any()):
+        rotated = torch.cat([_as_tensor(used(segments[i])) for i in lay.rotations])
+        if bool(torch.isin(rotated, torch.cat([_as_tensor(p) for p in kept])).any()):
             raise ValueError("a given-up segment that must be re-rotated in place shares pages with a segment "
                              "that is not given up; give up both or neither")
     if any(new_pos[i] != segments[i].position for i, _ in lay.copies) or lay.rotations:
@@ -294,7 +375,7 @@ def _allocate(segments, lay: _Layout, dst_pages, k_cache) -> tuple[torch.Tensor,
     if pool is not None:
         dst = pool.alloc(lay.n_new).cpu()
     elif dst_pages is None or isinstance(dst_pages, PagePool) or not lay.n_new:
-        dst = torch.empty(0, dtype=torch.int32)
+        dst = _NO_PAGES
     else:
         check_pages("dst_pages", dst_pages, k_cache)
         dst = dst_pages.cpu()
@@ -313,7 +394,7 @@ def _slots_and_moves(segments, new_pos, items, page_size: int, table: torch.Tens
     src, dst, moves = [], [], []
     for i, off in items:
         s = segments[i]
-        src.append(slots_of(s.pages, s.start, s.length, page_size))
+        src.append(slots_of(_as_tensor(s.pages), s.start, s.length, page_size))
         if table is not None:
             dst.append(slots_of(table, off, s.length, page_size))
         moves.append((s.length, new_pos[i] - s.position))

@@ -1,5 +1,7 @@
 """compose: composed sequence against the dense oracle, zero-copy path, sources untouched, bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -210,3 +212,54 @@ def test_page_pool_free_rejects_duplicates():
     with pytest.raises(ValueError, match="duplicate"):
         pool.free(torch.cat([a[:1], a[:1]]))
     assert pool.num_free == 2
+
+
+def _as_runs(segs):
+    return [dataclasses.replace(s, pages=range(int(s.pages[0]), int(s.pages[-1]) + 1)) for s in segs]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["shared", "sequential"])
+def test_page_runs_compose_like_page_tensors(case, layout):
+    """Segments whose pages are ranges compose exactly as the same pages given as tensors (copies,
+    in-place rotations, zero copy), and a zero-copy composition of runs keeps its table as runs."""
+    lengths, starts, ps, give_up = CASES[case]
+    k, v = _pool(40, ps, 2, 16, torch.float32, torch.device("cpu"))
+    segs, used = _make_segments(lengths, ps, "cpu", give_up=give_up, starts=starts)
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    outs = []
+    for s in (segs, _as_runs(segs)):
+        kk, vv = k.clone(), v.clone()
+        dst = torch.arange(used, 40, dtype=torch.int32)
+        out = kvfuse.compose(kk, vv, s, cfg, layout=layout, dst_pages=dst, backend="torch")
+        outs.append((kk, vv, out))
+    (k0, v0, a), (k1, v1, b) = outs
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    for f in ("pages", "new_pages", "reused_pages", "positions"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert (a.length, a.ranges, a.starts) == (b.length, b.ranges, b.starts)
+    assert a.page_runs is None and (b.page_runs is not None) == (b.new_pages.numel() == 0)
+
+
+def test_zero_copy_of_page_runs_is_runs():
+    k, v = _pool(64, 4, 1, 8, torch.float32, torch.device("cpu"))
+    segs = [SourceSegment(range(0, 10), 40, position=0, give_up=True), SourceSegment(range(20, 30), 37, position=0,
+                                                                                        give_up=True)]
+    out = kvfuse.compose(k, v, segs, kvfuse.RopeConfig(head_dim=8), layout="shared")
+    assert out.page_runs == ((0, 10), (20, 10)) and out.length == 77
+    assert out.pages.tolist() == list(range(10)) + list(range(20, 30)) and out.pages.dtype == torch.int32
+    assert torch.equal(out.reused_pages, out.pages) and out.new_pages.numel() == 0
+
+
+@pytest.mark.parametrize("pages,match", [
+    ((range(0, 10), range(9, 12)), "duplicate page ids"),
+    ((range(0, 10, 2), range(20, 22)), "range of consecutive page ids"),
+    ((range(0, 10), range(60, 70)), r"range of consecutive page ids in \[0, 64\)"),
+], ids=["overlap", "step", "out-of-pool"])
+def test_page_runs_are_validated(pages, match):
+    k, v = _pool(64, 4, 1, 8, torch.float32, torch.device("cpu"))
+    before = k.clone(), v.clone()
+    segs = [SourceSegment(p, 4 * len(p), give_up=True) for p in pages]
+    with pytest.raises(ValueError, match=match):
+        kvfuse.compose(k, v, segs, kvfuse.RopeConfig(head_dim=8), layout="shared")
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])

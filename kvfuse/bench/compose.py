@@ -6,7 +6,9 @@ Providers: the kvfuse backends through the registered op (slots and cos/sin tabl
 outside the timing; ``--api`` times the public `kvfuse.compose`), and torch.compile of the reference.
 
 Zero-copy path: the same threads given up, page-aligned, in the shared layout: `kvfuse.compose`
-(public API, timed whole) only concatenates page tables. No bytes move; the time is metadata.
+(public API, timed whole) only concatenates page tables. No bytes move; the time is metadata. Each
+backend twice: the threads' pages as tensors on the device (O(pages) host work), and as ``range``
+runs (O(segments); the checked output reads the page table, built then).
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ def make_state(ctx: Ctx, pages: int, page: int, hkv: int, d: int, threads: int, 
                 dst_slots=torch.cat(dst_slots), idx=idx, cos=cos, sin=sin, new_positions=starts)
 
 
-def _segments(st, give_up=False):
-    return [kvfuse.SourceSegment(p, n, position=st["position"], give_up=give_up) for p, n in zip(st["src"], st["lens"])]
+def _segments(st, give_up=False, runs=False):
+    """The threads as `SourceSegment`s: page tensors on the device, or with ``runs`` page ranges."""
+    pages = [range(int(p[0]), int(p[-1]) + 1) for p in st["src"]] if runs else st["src"]
+    return [kvfuse.SourceSegment(p, n, position=st["position"], give_up=give_up) for p, n in zip(pages, st["lens"])]
 
 
 def _composed(st, ret):
@@ -112,16 +116,21 @@ def general_providers(ctx: Ctx, rope: RopeConfig) -> list[Provider]:
 
 
 def zero_copy_providers(rope: RopeConfig) -> list[Provider]:
-    def api(backend):
+    def api(backend, runs=False):
         def make(st):
             kvfuse_reasons("compose_copy_", backend, k_cache=st["k"], rotary_dim=rope.rotary_dim, interleaved=False)
-            return lambda: kvfuse.compose(st["k"], st["v"], _segments(st, give_up=True), rope, layout="shared",
-                                          backend=backend)
+            segs = _segments(st, give_up=True, runs=True) if runs else None
+            return lambda: kvfuse.compose(st["k"], st["v"], segs or _segments(st, give_up=True), rope,
+                                          layout="shared", backend=backend)
 
         return make
 
-    return [Provider(b, f"kvfuse {b} (public API)", api(b), output=_composed, note="page tables only")
+    tensors = [Provider(b, f"kvfuse {b} (public API)", api(b), output=_composed, note="page tables only")
+               for b in ("torch", "triton", "cuda")]
+    runs = [Provider(b, f"kvfuse {b} (public API, page runs)", api(b, runs=True), output=_composed,
+                     note="pages as range() runs: O(segments), the page table built only when read")
             for b in ("torch", "triton", "cuda")]
+    return tensors + runs
 
 
 def run(ctx: Ctx) -> None:
