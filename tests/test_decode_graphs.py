@@ -92,6 +92,9 @@ def test_refused_calls_change_nothing():
     before, free = _state(rows), store.num_free
     with pytest.raises(ValueError, match=r"input_ids must be an int tensor \[B=2, 1\]"):
         runner.decode(rows, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=97\)"):
+        runner.decode(rows, torch.tensor([[0], [97]]))
+    assert _state(rows) == before and store.num_free == free
     with pytest.raises(ValueError, match="max_batch=2"):
         runner.decode(rows + kvfuse.fork(rows[0], 1), torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(kvfuse.OutOfPages):

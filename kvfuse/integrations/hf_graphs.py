@@ -133,7 +133,8 @@ class DecodeGraphs:
 
     `decode(rows, input_ids)` has `hf.decode`'s contract for one token per row: the rows grow by one
     token each (in place) and the logits ``[B, 1, vocab]`` are returned. A refused call (bad rows or
-    ids, out of pages) changes nothing.
+    ids, out of pages) changes nothing. Ids on the host are checked against the vocabulary; ids on the
+    device (the previous step's choices) are not read, to keep the step free of synchronisation.
     """
 
     def __init__(self, model, store: PagedKVStore, *, max_batch: int = 8, hogwild: bool = False,
@@ -185,6 +186,10 @@ class DecodeGraphs:
                 torch.int32, torch.int64):
             raise ValueError(f"DecodeGraphs.decode: input_ids must be an int tensor [B={B}, 1], got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if input_ids.device.type == "cpu" and vocab and input_ids.numel() and not (
+                0 <= int(input_ids.min()) and int(input_ids.max()) < vocab):
+            raise ValueError(f"DecodeGraphs.decode: input_ids must lie in [0, vocab_size={vocab})")
         need = sum(r.pages_needed(1) for r in rows)
         if need > self.store.num_free:
             raise OutOfPages(f"DecodeGraphs.decode: out of pages: this step needs {need}, {self.store.num_free} free")
