@@ -86,9 +86,9 @@ _EMPTY: dict = {}
 
 def _no_pages(device) -> torch.Tensor:
     """An empty int32 tensor on ``device`` (one per device: nothing can be written into it)."""
-    t = _EMPTY.get(str(device))
+    t = _EMPTY.get(device)
     if t is None:
-        t = _EMPTY[str(device)] = torch.empty(0, dtype=torch.int32, device=device)
+        t = _EMPTY[device] = torch.empty(0, dtype=torch.int32, device=device)
     return t
 
 
@@ -291,12 +291,16 @@ def _host_segments(segments, k_cache: torch.Tensor) -> list[SourceSegment]:
     for i, s in enumerate(segments):
         if not isinstance(s, SourceSegment):
             raise TypeError(f"segments[{i}] must be a kvfuse.SourceSegment, got {type(s).__name__}")
-        for field in ("length", "start", "position"):
-            val = getattr(s, field)
-            if type(val) is not int and (not isinstance(val, int) or isinstance(val, bool)):
-                raise TypeError(f"segments[{i}].{field} must be an int, got {val!r}")
+        if not (type(s.length) is int and type(s.start) is int and type(s.position) is int):
+            for field in ("length", "start", "position"):
+                val = getattr(s, field)
+                if not isinstance(val, int) or isinstance(val, bool):
+                    raise TypeError(f"segments[{i}].{field} must be an int, got {val!r}")
         pages = s.pages
-        if isinstance(pages, range):
+        if type(pages) is range:
+            if pages.step != 1 or (pages and not (0 <= pages.start and pages.stop <= num_pages)):
+                _check_run(f"segments[{i}].pages", pages, num_pages)
+        elif isinstance(pages, range):
             _check_run(f"segments[{i}].pages", pages, num_pages)
         else:
             check_tensor(f"segments[{i}].pages", pages, ndim=1, dtype=(torch.int32, torch.int64))
