@@ -216,6 +216,30 @@ def need_module(name: str):
         raise Skip(f"{name} is not importable ({type(e).__name__}: {e}; {install_hint(name)})") from None
 
 
+def hf_or_skip(ctx: Ctx, scenario: str, provider: str, label: str | None = None):
+    """`kvfuse.integrations.hf`, or None after recording ``scenario`` as skipped (transformers is not
+    importable), with the reason and how to install it."""
+    try:
+        import transformers  # noqa: F401
+
+        from kvfuse.integrations import hf
+        return hf
+    except Exception as e:
+        r = Result(scenario, scenario, provider, label or provider, "skipped",
+                   note=f"transformers (with kvfuse.integrations.hf) is not importable ({type(e).__name__}: {e}; "
+                        f"{install_hint('transformers')})")
+        ctx.results.append(r)
+        print(f"\n### {scenario}: skipped: {r.note}")
+        return None
+
+
+def model_shape(ctx: Ctx) -> tuple[int, int, int, int]:
+    """(layers, query heads, KV heads, head_dim) of the Llama-3-8B-shaped model of the model scenarios
+    (``--layers``, ``--q-heads``, ``--kv-heads``, ``--head-dim``; small on CPU)."""
+    return (opt(ctx, "layers", 32, 2), opt(ctx, "q_heads", 32, 4), opt(ctx, "kv_heads", 8, 2),
+            opt(ctx, "head_dim", 128, 64))
+
+
 def fmt_bytes(n: float) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:

@@ -21,8 +21,19 @@ import torch
 
 import kvfuse
 from kvfuse import reference
-from kvfuse._deps import install_hint
-from kvfuse.bench.common import Case, Ctx, Provider, Reference, Result, Skip, dense_mask, fmt_bytes, opt, thread_counts
+from kvfuse.bench.common import (
+    Case,
+    Ctx,
+    Provider,
+    Reference,
+    Skip,
+    dense_mask,
+    fmt_bytes,
+    hf_or_skip,
+    model_shape,
+    opt,
+    thread_counts,
+)
 from kvfuse.bench.runner import provider_selection, run_case
 from kvfuse.bench.timing import Progress
 from kvfuse.paged import gather_kv
@@ -194,16 +205,9 @@ def default_cases(ctx: Ctx) -> list[tuple[int, int, int]]:
 
 
 def run(ctx: Ctx) -> None:
-    try:
-        import transformers  # noqa: F401
-    except Exception as e:
-        r = Result(NAME, "e2e", "sdpa", "re-prefill", "skipped",
-                   note=f"transformers is not importable ({e}; {install_hint('transformers')})")
-        ctx.results.append(r)
-        print(f"\n### {NAME}: skipped: {r.note}")
+    if hf_or_skip(ctx, NAME, "sdpa", "re-prefill") is None:
         return
-    layers = opt(ctx, "layers", 32, 2)
-    hq, hkv, d = opt(ctx, "q_heads", 32, 4), opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
+    layers, hq, hkv, d = model_shape(ctx)
     page = opt(ctx, "page_size", 16)
     cases = default_cases(ctx)
     n_prov = len(provider_selection(ctx, providers(ctx, None, 0), DEFAULT_PROVIDERS))

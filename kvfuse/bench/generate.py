@@ -23,8 +23,7 @@ import time
 
 import torch
 
-from kvfuse._deps import install_hint
-from kvfuse.bench.common import Case, Ctx, Result, opt
+from kvfuse.bench.common import Case, Ctx, Result, hf_or_skip, model_shape, opt
 from kvfuse.bench.e2e import NORM_TOL, build_model
 from kvfuse.bench.report import print_table
 from kvfuse.bench.runner import speedups
@@ -93,20 +92,11 @@ def _time_graphs(ctx: Ctx, hf, model, cfg, ids, steps: int, page: int):
 
 
 def run(ctx: Ctx) -> None:
-    try:
-        import transformers  # noqa: F401
-
-        from kvfuse.integrations import hf
-    except Exception as e:
-        r = Result(NAME, NAME, BASELINE, BASELINE, "skipped",
-                   note=f"transformers (with kvfuse.integrations.hf) is not importable ({type(e).__name__}: {e}; "
-                        f"{install_hint('transformers')})")
-        ctx.results.append(r)
-        print(f"\n### {NAME}: skipped: {r.note}")
+    hf = hf_or_skip(ctx, NAME, BASELINE)
+    if hf is None:
         return
     a = ctx.args
-    layers = opt(ctx, "layers", 32, 2)
-    hq, hkv, d = opt(ctx, "q_heads", 32, 4), opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
+    layers, hq, hkv, d = model_shape(ctx)
     page, steps = opt(ctx, "page_size", 16), opt(ctx, "steps", 32, 4)
     contexts = tuple(a.sweep) if a.sweep else (opt(ctx, "context", 4096, 64),)
     paths = PATHS

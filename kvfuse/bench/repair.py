@@ -28,7 +28,7 @@ import time
 import torch
 
 import kvfuse
-from kvfuse.bench.common import Case, Ctx, Result, opt, thread_counts
+from kvfuse.bench.common import Case, Ctx, Result, hf_or_skip, model_shape, opt, thread_counts
 from kvfuse.bench.e2e import NORM_TOL, build_model
 from kvfuse.bench.report import print_table
 from kvfuse.bench.runner import speedups
@@ -60,17 +60,13 @@ def _timed(dev, fn, reps: int) -> tuple[float, float, float]:
 
 
 def run(ctx: Ctx) -> None:
-    try:
-        from kvfuse import repair as policy
-        from kvfuse.integrations import hf
-    except Exception as e:
-        ctx.results.append(Result(NAME, NAME, BASELINE, BASELINE, "skipped",
-                                  note=f"transformers is not importable ({type(e).__name__}: {e})"))
-        print(f"\n### {NAME}: skipped: transformers is not importable")
+    hf = hf_or_skip(ctx, NAME, BASELINE)
+    if hf is None:
         return
+    from kvfuse import repair as policy
+
     a = ctx.args
-    layers = opt(ctx, "layers", 32, 2)
-    hq, hkv, d = opt(ctx, "q_heads", 32, 4), opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
+    layers, hq, hkv, d = model_shape(ctx)
     page, n = opt(ctx, "page_size", 16), opt(ctx, "context", 32768, 256)
     T = thread_counts(ctx, (4,))[0]
     frac = a.repair if getattr(a, "repair", None) is not None else 0.15

@@ -46,8 +46,7 @@ import time
 import torch
 
 import kvfuse
-from kvfuse._deps import install_hint
-from kvfuse.bench.common import Case, Ctx, Result, opt, thread_counts
+from kvfuse.bench.common import Case, Ctx, Result, hf_or_skip, model_shape, opt, thread_counts
 from kvfuse.bench.e2e import NORM_TOL, build_model
 from kvfuse.bench.report import print_table
 from kvfuse.bench.runner import perturb, speedups
@@ -151,20 +150,11 @@ def time_path(ctx: Ctx, hf, model, prefix, tok0: torch.Tensor, warmup: int, step
 
 
 def run(ctx: Ctx) -> None:
-    try:
-        import transformers  # noqa: F401
-
-        from kvfuse.integrations import hf
-    except Exception as e:
-        r = Result(NAME, NAME, "batched", "batched", "skipped",
-                   note=f"transformers (with kvfuse.integrations.hf) is not importable ({type(e).__name__}: {e}; "
-                        f"{install_hint('transformers')})")
-        ctx.results.append(r)
-        print(f"\n### {NAME}: skipped: {r.note}")
+    hf = hf_or_skip(ctx, NAME, "batched")
+    if hf is None:
         return
     a = ctx.args
-    layers = opt(ctx, "layers", 32, 2)
-    hq, hkv, d = opt(ctx, "q_heads", 32, 4), opt(ctx, "kv_heads", 8, 2), opt(ctx, "head_dim", 128, 64)
+    layers, hq, hkv, d = model_shape(ctx)
     page = opt(ctx, "page_size", 16)
     P, steps = opt(ctx, "prefix", 8192, 64), opt(ctx, "steps", 32, 4)
     counts = tuple(a.sweep) if a.sweep else thread_counts(ctx, (1, 2, 4, 8))
