@@ -118,8 +118,9 @@ def check_page_ids(name: str, pages, num_pages: int) -> list[int]:
         except TypeError:
             raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of int page ids, got "
                             f"{type(pages).__name__}") from None
-        for i, p in enumerate(ids):
-            ids[i] = check_int(f"{name}[{i}]", p)
+        if not all(type(p) is int for p in ids):  # the common case (page lists of sequences) skips the loop
+            for i, p in enumerate(ids):
+                ids[i] = check_int(f"{name}[{i}]", p)
     bad = [p for p in ids if not 0 <= p < num_pages]
     if bad:
         raise ValueError(f"{name} must hold page ids in [0, {num_pages}), got {bad[:4]}")
