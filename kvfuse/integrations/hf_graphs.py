@@ -161,7 +161,7 @@ class DecodeGraphs:
             raise ValueError("DecodeGraphs: graphs=True needs a store on a CUDA device")
         self.buckets = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
         self._scratch = store._alloc_ids(-(-self.max_batch // store.page_size))  # padded rows write here
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: dict[tuple[str, int], _Bucket] = {}  # (layout, rows) -> bucket
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def close(self) -> None:
