@@ -158,6 +158,8 @@ def copy_rotate_(k_cache: torch.Tensor, v_cache: torch.Tensor, src_slots: torch.
         check_tensor(name, t, ndim=1, dtype=(torch.int32, torch.int64), device=k_cache.device)
     if dst_slots.numel() != src_slots.numel():
         raise ValueError(f"dst_slots must have one slot per source slot ({src_slots.numel()}), got {dst_slots.numel()}")
+    if dst_slots.dtype != src_slots.dtype:  # the kernels take one index type for both lists
+        dst_slots = dst_slots.to(src_slots.dtype)
     if check:
         check_in_range("src_slots", src_slots, 0, n_slots, "slot ids (page * page_size + offset)")
         if bool(torch.isin(dst_slots, src_slots).any()):

@@ -42,9 +42,9 @@ def test_copy_rotate_against_the_float64_rotation(backend, dtype):
     dev = device_for(backend)
     k, v, src, dst, old, new = _inputs(dev, dtype)
     skip_unless_supported("compose_copy_", backend, k_cache=k, rotary_dim=CFG.rotary_dim, interleaved=False)
-    for check in (True, False):
+    for check, dst_type in ((True, torch.int64), (False, torch.int64), (True, torch.int32)):
         kk, vv = k.clone(), v.clone()
-        kvfuse.copy_rotate_(kk, vv, src, dst, old, new, CFG, backend=backend, check=check)
+        kvfuse.copy_rotate_(kk, vv, src, dst.to(dst_type), old, new, CFG, backend=backend, check=check)
         ks, vs = kvfuse.paged.slot_view(k)[0], kvfuse.paged.slot_view(v)[0]
         ang = (new - old).double().cpu()[:, None] * CFG.inv_freq()
         want_k = _rot64(ks[src.long()], ang.to(dev), CFG)
