@@ -1,5 +1,7 @@
-// segment_attention (decode): torch entry point (checks + dtype dispatch) of kvfuse/attention.cuh.
+// segment_attention: torch entry point (checks + dtype dispatch) of the decode kernel
+// (kvfuse/attention.cuh) and the Hopper prefill kernel (kvfuse/prefill_sm90.cuh).
 #include "kvfuse/attention.cuh"
+#include "kvfuse/prefill_sm90.cuh"
 #include "torch_utils.h"
 
 namespace {
@@ -60,7 +62,18 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   const c10::cuda::CUDAGuard guard(q.device());
 
   const int G = static_cast<int>(hq / hkv);
-  kvfuse::DecodeArgs a{};
+  // a tile map of more than kDecodeMaxQ queries per tile is a prefill plan (kvfuse/backends/cuda.py)
+  const bool prefill = block_q > kvfuse::kDecodeMaxQ;
+  if (prefill) {
+    KVFUSE_CHECK(kvfuse::prefill_sm90_available(q.device().index()),
+                 "the CUDA prefill kernel needs a Hopper GPU (compute capability 9.0) and an extension built "
+                 "for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a)");
+    const int bk = d == 64 ? kvfuse::PrefillConfig<64>::kBlockK
+                           : (d == 128 ? kvfuse::PrefillConfig<128>::kBlockK : kvfuse::PrefillConfig<256>::kBlockK);
+    KVFUSE_CHECK(block_k == bk, "the CUDA prefill kernel takes ", bk, "-key tiles at head_dim ", d, ", the plan has ",
+                 block_k);
+  }
+  kvfuse::AttentionArgs a{};
   a.q = qc.data_ptr();
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
@@ -89,8 +102,18 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   a.window = static_cast<int>(window);
   a.softcap_pre = softcap > 0 ? static_cast<float>(sm_scale / softcap) : 0.f;
   a.softcap_mul = softcap > 0 ? static_cast<float>(softcap * 1.4426950408889634) : 0.f;
-  a.num_row_blocks = kvfuse::decode_row_blocks(a.block_q, G);
+  a.num_row_blocks = prefill ? kvfuse::prefill_row_blocks(a.block_q, G) : kvfuse::decode_row_blocks(a.block_q, G);
   a.total_q = static_cast<int>(total_q);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (prefill) {
+    a.num_splits = 1;
+    a.out = out.data_ptr();
+    a.lse = lse.data_ptr<float>();
+    KVFUSE_DISPATCH_HALF(q.scalar_type(), "segment_attention", [&] {
+      KVFUSE_CUDA_OK(kvfuse::prefill_attention_sm90<scalar_t>(a, static_cast<int>(d), k_cache.size(0), stream));
+    });
+    return {out, lse};
+  }
   int sms = 1;
   KVFUSE_CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
   constexpr int per_sm = 8;  // blocks per multiprocessor the split-K plan aims at
@@ -105,9 +128,10 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   }
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   KVFUSE_DISPATCH_HALF(q.scalar_type(), "segment_attention", [&] {
     KVFUSE_CUDA_OK(kvfuse::decode_attention<scalar_t>(a, static_cast<int>(d), stream));
   });
   return {out, lse};
 }
+
+bool prefill_sm90_available(int64_t device) { return kvfuse::prefill_sm90_available(static_cast<int>(device)); }

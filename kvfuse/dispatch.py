@@ -52,7 +52,8 @@ PUBLIC_OPS = {"rerotate": "rerotate_", "rerotate_": "rerotate_", "compose": "com
 
 def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = None, **meta):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``; ``meta`` holds extra
-    per-implementation hooks (for attention: ``tile_shape(head_dim, max_q_len) -> (bq, bk)``)."""
+    per-implementation hooks (for attention: ``tile_shape(head_dim, max_q_len, group) -> (bq, bk)``,
+    group = Hq / Hkv)."""
 
     def deco(fn):
         _REGISTRY.setdefault(op, {})[backend] = Impl(fn, reasons or (lambda **kw: []), dict(meta))

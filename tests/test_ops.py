@@ -39,7 +39,7 @@ def test_opcheck_segment_attention(backend, dtype):
     p, q, k, v, bt = _plan_inputs(dev, dtype)
     skip_unless_supported("segment_attention", backend, q=q, k_cache=k, plan=p)
     meta = kvfuse.dispatch.meta("segment_attention", backend).get("tile_shape")
-    tm = p.tiles(*meta(64, p.max_q), 9) if meta else None
+    tm = p.tiles(*meta(64, p.max_q, q.shape[1] // k.shape[2]), 9) if meta else None
     tiles = tile_args(tm, dev)
     args = (q, k, v, bt, p.kv_lens, p.qo_indptr, p.token_seg, p.ancestors, p.q_token, p.token_pos, *tiles, 0.125,
             2.0, 9, backend)

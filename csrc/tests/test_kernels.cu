@@ -10,6 +10,7 @@
 #include "kvfuse/attention.cuh"
 #include "kvfuse/compose.cuh"
 #include "kvfuse/merge_states.cuh"
+#include "kvfuse/prefill_sm90.cuh"
 #include "kvfuse/rerotate.cuh"
 
 #define CK(x)                                                                             \
@@ -191,6 +192,7 @@ struct DecodeCase {
   bool empty_last;
   int window = 0;
   float softcap = 0.f;
+  bool sm90 = false;  // run the Hopper prefill kernel (block_k must be its PrefillConfig<D>::kBlockK)
 };
 
 template <typename T>
@@ -213,6 +215,16 @@ void test_decode(const DecodeCase& t, const char* name) {
   std::vector<T> kc(pool), vc(pool);
   for (auto& x : kc) x = h_from<T>(randn());
   for (auto& x : vc) x = h_from<T>(randn());
+  // poison every slot no sequence holds (the pages no table lists, the tails of last pages): a kernel
+  // that reads one as a key gets NaN into its output
+  {
+    std::vector<char> used(static_cast<std::size_t>(P) * ps, 0);
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < t.lens[b]; ++j) used[static_cast<std::size_t>(bt[b * max_pages + j / ps]) * ps + j % ps] = 1;
+    for (std::size_t slot = 0; slot < used.size(); ++slot)
+      if (!used[slot])
+        for (std::size_t e = slot * Hkv * D; e < (slot + 1) * Hkv * D; ++e) kc[e] = vc[e] = h_from<T>(NAN);
+  }
   const int S = 3;
   std::vector<int32_t> seg(B * max_kv, -1), pos(B * max_kv, 0), kv_lens(B), qo(B + 1, 0), qtok;
   std::vector<uint8_t> anc(B * S * S, 0);
@@ -274,7 +286,7 @@ void test_decode(const DecodeCase& t, const char* name) {
   std::vector<float> lse_h(static_cast<std::size_t>(total_q) * Hq, NAN);
   Dev<T> dout(out_h);
   Dev<float> dlse(lse_h);
-  kvfuse::DecodeArgs a{};
+  kvfuse::AttentionArgs a{};
   a.q = dq.p; a.k_cache = dk.p; a.v_cache = dv.p; a.block_table = dbt.p; a.bt_stride = max_pages;
   a.kv_lens = dlen.p; a.qo_indptr = dqo.p; a.token_seg = dseg.p; a.seg_stride = max_kv;
   a.ancestors = danc.p; a.num_segs = S; a.work_seq = dws.p; a.work_qtile = dwq.p; a.kt_indptr = dip.p;
@@ -284,14 +296,19 @@ void test_decode(const DecodeCase& t, const char* name) {
   a.q_token = dqt.p; a.token_pos = dpos.p; a.window = t.window;
   a.softcap_pre = t.softcap > 0 ? scale / t.softcap : 0.f;
   a.softcap_mul = t.softcap > 0 ? t.softcap * 1.4426950408889634f : 0.f;
-  a.num_row_blocks = kvfuse::decode_row_blocks(bq, G); a.total_q = total_q;
-  a.num_splits = kvfuse::decode_plan_splits(static_cast<long long>(indptr.back()), a.num_work, Hkv,
-                                            a.num_row_blocks, t.splits_hint);
+  a.num_row_blocks = t.sm90 ? kvfuse::prefill_row_blocks(bq, G) : kvfuse::decode_row_blocks(bq, G);
+  a.total_q = total_q;
+  a.num_splits = t.sm90 ? 1
+                        : kvfuse::decode_plan_splits(static_cast<long long>(indptr.back()), a.num_work, Hkv,
+                                                     a.num_row_blocks, t.splits_hint);
   std::vector<float> po(static_cast<std::size_t>(a.num_splits) * total_q * Hq * D, NAN);
   std::vector<float> pl(static_cast<std::size_t>(a.num_splits) * total_q * Hq, NAN);
   Dev<float> dpo(po), dpl(pl);
   a.part_o = dpo.p; a.part_lse = dpl.p; a.out = dout.p; a.lse = dlse.p;
-  CK(kvfuse::decode_attention<T>(a, D, nullptr));
+  if (t.sm90)
+    CK(kvfuse::prefill_attention_sm90<T>(a, D, P, nullptr));
+  else
+    CK(kvfuse::decode_attention<T>(a, D, nullptr));
   CK(cudaDeviceSynchronize());
   out_h = dout.get();
   lse_h = dlse.get();
@@ -344,12 +361,9 @@ void test_decode(const DecodeCase& t, const char* name) {
 
 }  // namespace
 
-int main() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-    std::printf("no CUDA device: skipped\n");
-    return 77;  // ctest SKIP_RETURN_CODE
-  }
+namespace {
+
+void run_slot_and_decode_tests() {
   // Rerotate / compose. Comments: how the launcher cuts the rows (K items per thread per row, see
   // slot_plan in rotary.cuh) where a case is there for it.
   test_slot_kernels<__nv_bfloat16>(false, false, 1, 7, 16, 8, 128, 128, "rerotate bf16 neox d128 (K 4)");
@@ -402,6 +416,49 @@ int main() {
   test_decode<BF>({256, 4, 1, 2, 16, 0, 64, 64, {301, 150}, false, 0, 2.f}, "decode bf16 d256 softcap 2");
   test_decode<__half>({128, 8, 2, 1, 16, 0, 64, 2048, {301, 150}, false, 33, 50.f},
                       "decode f16 d128 window 33 softcap 50 split");
+}
+
+void run_prefill_tests() {
+  using BF = __nv_bfloat16;
+  int dev = 0, major = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  if (major == 9) {
+    // Hopper prefill: {D, Hq, Hkv, q_len, page, block_q, block_k (PrefillConfig<D>::kBlockK), -, lens, empty_last,
+    // window, softcap, sm90}; sequences longer than q_len are chunked prefills (their last q_len tokens)
+    test_decode<BF>({128, 8, 2, 150, 16, 32, 128, 1, {301, 150}, false, 0, 0.f, true}, "prefill sm90 bf16 d128 gqa4");
+    test_decode<__half>({128, 2, 2, 300, 1, 128, 128, 1, {300, 333}, false, 0, 0.f, true}, "prefill sm90 f16 d128 mha ps1");
+    test_decode<BF>({64, 6, 2, 200, 5, 42, 128, 1, {257, 200}, false, 0, 0.f, true}, "prefill sm90 bf16 d64 gqa3 ps5");
+    test_decode<__half>({256, 4, 2, 130, 16, 64, 64, 1, {301, 130}, false, 0, 0.f, true}, "prefill sm90 f16 d256 gqa2");
+    test_decode<BF>({128, 16, 2, 200, 16, 32, 128, 1, {420, 200, 233}, false, 0, 0.f, true},
+                    "prefill sm90 bf16 d128 gqa8 (2 row blocks)");
+    test_decode<BF>({128, 16, 1, 100, 7, 8, 128, 1, {230, 100}, false, 0, 0.f, true}, "prefill sm90 bf16 d128 gqa16 ps7");
+    test_decode<BF>({128, 32, 1, 64, 16, 4, 128, 1, {129, 64}, false, 0, 0.f, true}, "prefill sm90 bf16 d128 gqa32");
+    test_decode<BF>({128, 8, 2, 180, 16, 32, 128, 1, {301, 180}, false, 70, 0.f, true}, "prefill sm90 bf16 window 70");
+    test_decode<__half>({64, 8, 2, 150, 16, 32, 128, 1, {301, 150}, false, 0, 30.f, true}, "prefill sm90 f16 d64 softcap");
+    test_decode<BF>({256, 4, 1, 100, 16, 32, 64, 1, {301, 100}, false, 45, 20.f, true},
+                    "prefill sm90 bf16 d256 window softcap");
+    test_decode<BF>({128, 8, 2, 150, 16, 32, 128, 1, {301, 150}, true, 0, 0.f, true}, "prefill sm90 sees nothing");
+    test_decode<BF>({128, 8, 8, 333, 256, 128, 128, 1, {700, 333}, false, 0, 0.f, true}, "prefill sm90 bf16 mha ps256");
+    test_decode<__half>({64, 4, 1, 17, 3, 32, 128, 1, {17, 40, 500}, false, 0, 0.f, true},
+                        "prefill sm90 f16 d64 mqa4 q17 ps3");
+  } else {
+    std::printf("prefill sm90: skipped (compute capability %d, needs 9)\n", major);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // `test_kernels prefill`: the Hopper prefill cases alone (for compute-sanitizer)
+  const bool prefill_only = argc > 1 && std::strcmp(argv[1], "prefill") == 0;
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("no CUDA device: skipped\n");
+    return 77;  // ctest SKIP_RETURN_CODE
+  }
+  if (!prefill_only) run_slot_and_decode_tests();
+  run_prefill_tests();
   std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }

@@ -19,8 +19,10 @@ except ImportError as e:  # the extension is not built (or was built against ano
 POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTN_DTYPES = (torch.float16, torch.bfloat16)
 ATTN_HEAD_DIMS = (64, 128, 256)
-DECODE_MAX_Q = 8  # queries per sequence the decode kernel takes; prefill belongs to the Triton backend
+DECODE_MAX_Q = 8  # queries per sequence the decode kernel takes; more: the Hopper prefill kernel
 DECODE_BLOCK_K = 64
+PREFILL_ROWS = 128  # (query, head) rows of a block of the prefill kernel (csrc/include/kvfuse/prefill_sm90.cuh)
+PREFILL_BLOCK_K = {64: 128, 128: 128, 256: 64}  # PrefillConfig<D>::kBlockK
 # dynamic shared memory per block of the decode kernel (csrc/include/kvfuse/attention.cuh, DecodeConfig)
 DECODE_SMEM = {64: 65536, 128: 98304, 256: 139264}
 
@@ -65,10 +67,13 @@ def _attention_reasons(q=None, k_cache=None, plan=None, **_) -> list[str]:
         why.append(f"head_dim {q.shape[-1]} is not one of {ATTN_HEAD_DIMS}")
     if not k_cache.is_contiguous():
         why.append("k_cache/v_cache must be contiguous")
-    if plan is not None and plan.max_q > DECODE_MAX_Q:
-        why.append(f"the CUDA kernel is a decode kernel: at most {DECODE_MAX_Q} queries per sequence, "
-                   f"the plan has {plan.max_q} (prefill runs on the Triton backend)")
-    if q.device.type == "cuda":
+    prefill = plan is not None and plan.max_q > DECODE_MAX_Q
+    if q.device.type == "cuda" and prefill and not _prefill_available(q.device):
+        props = torch.cuda.get_device_properties(q.device)
+        why.append(f"the plan has {plan.max_q} queries per sequence, more than the decode kernel's {DECODE_MAX_Q}: "
+                   f"the CUDA prefill kernel needs a Hopper GPU (compute capability 9.0) and an extension built for "
+                   f"sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a); {props.name} is {props.major}.{props.minor}")
+    if q.device.type == "cuda" and not prefill:
         props = torch.cuda.get_device_properties(q.device)
         if props.major < 8:
             why.append(f"the decode kernel needs compute capability 8.0 or newer (tensor-core mma, cp.async), "
@@ -81,12 +86,27 @@ def _attention_reasons(q=None, k_cache=None, plan=None, **_) -> list[str]:
     return why
 
 
-def _tile_shape(head_dim: int, max_q_len: int) -> tuple[int, int]:
-    """One query tile per sequence (the next power of two >= its query count), 64-key tiles."""
-    bq = 1
-    while bq < max(1, max_q_len):
-        bq *= 2
-    return bq, DECODE_BLOCK_K
+_PREFILL_AVAILABLE: dict[int, bool] = {}
+
+
+def _prefill_available(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PREFILL_AVAILABLE:
+        _PREFILL_AVAILABLE[index] = bool(_C.prefill_sm90_available(index))
+    return _PREFILL_AVAILABLE[index]
+
+
+def _tile_shape(head_dim: int, max_q_len: int, group: int = 1) -> tuple[int, int]:
+    """Decode (at most 8 queries per sequence): one query tile per sequence (the next power of two >= its
+    query count), 64-key tiles. Prefill: tiles of ``128 // group`` queries (at least 16: more than the
+    decode kernel takes, which is how the extension tells the two plans apart), so that a block's 128
+    (query, head) rows cover the GQA group; keys in tiles of the kernel's ``PREFILL_BLOCK_K``."""
+    if max_q_len <= DECODE_MAX_Q:
+        bq = 1
+        while bq < max(1, max_q_len):
+            bq *= 2
+        return bq, DECODE_BLOCK_K
+    return max(2 * DECODE_MAX_Q, PREFILL_ROWS // max(1, group)), PREFILL_BLOCK_K[head_dim]
 
 
 @register("rerotate_", "cuda", reasons=_pool_reasons)

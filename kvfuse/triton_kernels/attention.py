@@ -35,7 +35,7 @@ LN2 = 0.6931471805599453
 DECODE_MAX_Q = 16
 
 
-def tile_shape(head_dim: int, max_q_len: int) -> tuple[int, int]:
+def tile_shape(head_dim: int, max_q_len: int, group: int = 1) -> tuple[int, int]:
     """(block_q, block_k) the plan is classified with. Decode (few queries per sequence) takes
     ``block_q`` = the next power of two of the query count; prefill takes 128×128 tiles (64×64 for
     head_dim 256). Under the interpreter the tiles are 32 wide so small tests span many tiles."""

@@ -50,7 +50,7 @@
 
 namespace kvfuse {
 
-struct DecodeArgs {
+struct AttentionArgs {
   const void* q;              // [total_q, Hq, D] contiguous
   const void* k_cache;        // [P, page_size, Hkv, D] contiguous
   const void* v_cache;
@@ -84,6 +84,7 @@ struct DecodeArgs {
   float* part_lse;            // [num_splits, total_q, Hq]
 };
 
+constexpr int kDecodeMaxQ = 8;  // queries per tile of a decode plan; more: a prefill plan (prefill_sm90.cuh)
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
 constexpr int kDecodeRows = 16;                  // rows of a block: M of mma.m16n8k16
@@ -230,7 +231,7 @@ __device__ __forceinline__ uint32_t swz(int r, int c) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeConfig<D>::kMinBlocks)
-decode_attention_kernel(const DecodeArgs a) {
+decode_attention_kernel(const AttentionArgs a) {
   using Cfg = DecodeConfig<D>;
   constexpr int S = Cfg::kStages;
   constexpr int RC = Cfg::kRowChunks;
@@ -586,7 +587,7 @@ decode_attention_kernel(const DecodeArgs a) {
 
 // Combine the splits' partial results: out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M).
 template <typename T, int D>
-__global__ void __launch_bounds__(D) merge_splits_kernel(DecodeArgs a) {
+__global__ void __launch_bounds__(D) merge_splits_kernel(AttentionArgs a) {
   const long long rows = static_cast<long long>(a.total_q) * a.num_qo_heads;
   const long long stride = rows;
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -614,7 +615,7 @@ inline int decode_row_blocks(int block_q, int group) {
 // part_o/part_lse allocated when num_splits > 1. T: __half or __nv_bfloat16; head_dim 64, 128 or 256.
 // Needs compute capability 8.0 or newer (cudaErrorNotSupported otherwise).
 template <typename T>
-cudaError_t decode_attention(const DecodeArgs& a, int head_dim, cudaStream_t stream) {
+cudaError_t decode_attention(const AttentionArgs& a, int head_dim, cudaStream_t stream) {
   if (a.num_work == 0 || a.total_q == 0) return cudaSuccess;
   int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
