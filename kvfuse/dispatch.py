@@ -20,12 +20,24 @@ from collections.abc import Callable
 PRIORITY = ("cuda", "triton", "torch")  # every backend (the order of an op not in ORDER)
 _BACKEND_MODULES = {b: f"kvfuse.backends.{b}" for b in PRIORITY}
 # "auto" per op, fastest first (H200, bf16, bench/RESULTS.md, same run): re-rotation Triton 4.03 TB/s
-# vs CUDA 3.79; compose Triton 3.95 vs CUDA 3.82; decode attention Triton 4.35 vs CUDA 4.17 (prefill
-# runs on Triton only). merge_states is not measured: CUDA first.
+# vs CUDA 3.79; compose Triton 3.95 vs CUDA 3.82; decode attention Triton 4.35 vs CUDA 4.17; prefill
+# (more than 8 queries per sequence) at head_dim 128: the CUDA Hopper kernel first (460-520 effective
+# TFLOP/s against Triton's 350-440; other head dims are not measured and keep Triton first; the CUDA
+# backend declines prefill off Hopper). merge_states is not measured: CUDA first. An entry is a tuple
+# or a function of the op's inputs returning one.
+PREFILL_MIN_Q = 9
+
+
+def _attention_order(plan=None, q=None, **_) -> tuple[str, ...]:
+    if plan is not None and plan.max_q >= PREFILL_MIN_Q and q is not None and q.shape[-1] == 128:
+        return ("cuda", "triton", "torch")
+    return ("triton", "cuda", "torch")
+
+
 ORDER = {
     "rerotate_": ("triton", "cuda", "torch"),
     "compose_copy_": ("triton", "cuda", "torch"),
-    "segment_attention": ("triton", "cuda", "torch"),
+    "segment_attention": _attention_order,
     "merge_states": ("cuda", "triton", "torch"),
 }
 
@@ -104,7 +116,8 @@ def reasons_for(op: str, backend: str, **inputs) -> list[str]:
 def choose(op: str, backend: str | None, **inputs) -> str:
     """Name of the backend that will run ``op`` on ``inputs``."""
     backend = resolve(backend)
-    candidates = ORDER.get(op, PRIORITY) if backend == "auto" else (backend,)
+    order = ORDER.get(op, PRIORITY)
+    candidates = (order(**inputs) if callable(order) else order) if backend == "auto" else (backend,)
     if backend == "auto" and _on_cpu(inputs):
         candidates = ("torch",)  # kernels run on CPU tensors only under the Triton interpreter, for tests
     why = {}

@@ -128,7 +128,8 @@ def merge_states(v_a, s_a, v_b, s_b):
 def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors, q_token, token_pos,
                       work_seq, work_qtile, kt_indptr, kt_index, kt_full, kt_order, n_full, block_q, block_k, sm_scale,
                       softcap, window):
-    # the CUDA decode kernel reads the tiles in ascending order with their full flags (not kt_order / n_full)
+    # both CUDA kernels read the tiles in ascending order with their full flags (not kt_order / n_full);
+    # block_q > DECODE_MAX_Q (a prefill tile map, _tile_shape) selects the Hopper prefill kernel
     return _C.segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg.contiguous(),
                                 ancestors, q_token, token_pos.contiguous(), work_seq, work_qtile, kt_indptr, kt_index,
                                 kt_full, block_q, block_k, sm_scale, softcap, window)

@@ -30,7 +30,6 @@
 
 #include <cuda.h>  // CUtensorMap (the encode function is fetched from the driver at run time)
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "kvfuse/attention.cuh"
@@ -200,7 +199,7 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
   const int rb = bx % a.num_row_blocks;
   bx /= a.num_row_blocks;
   const int kvh = bx % a.num_kv_heads;
-  const int w = bx / a.num_kv_heads;
+  const int w = a.num_work - 1 - bx / a.num_kv_heads;  // last work items first: under a causal mask they see most
   const int G = a.num_qo_heads / a.num_kv_heads;
 
   const int b = a.work_seq[w];
@@ -244,32 +243,43 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
     const int ps = a.page_size;
     const bool ps_pow2 = (ps & (ps - 1)) == 0;
     const int ps_shift = __ffs(ps) - 1;
+    const int lane = tid & 31;
+    const int rows = maps.box_rows;  // TMA: lane j < BK / rows loads page j of a tile
+    int nxt_k0 = ntiles > 0 ? a.kt_index[t_beg] * BK : 0;
     for (int it = 0; it < ntiles; ++it) {
       const int st = it % S;
-      sm90::mbar_wait(empty(st), ((it / S) & 1) ^ 1);
-      const int k0 = a.kt_index[t_beg + it] * BK;
+      const int k0 = nxt_k0;
       const int kend = min(k0 + BK, n);
+      if (it + 1 < ntiles) nxt_k0 = a.kt_index[t_beg + it + 1] * BK;  // one tile ahead
+      const bool whole = maps.use && kend - k0 == BK;
+      // the tile's page rows are read before the wait, so their latency hides behind the consumers
+      int row = 0;
+      if (whole && tid < 32 && lane * rows < BK) {
+        const int key = k0 + lane * rows;
+        row = ps_pow2 ? (bt[key >> ps_shift] << ps_shift) + (key & (ps - 1)) : bt[key / ps] * ps + key % ps;
+      }
+      sm90::mbar_wait(empty(st), ((it / S) & 1) ^ 1);
       const uint32_t ks = kv_smem + st * Cfg::kStageBytes;
-      if (maps.use && kend - k0 == BK) {
-        // a whole tile: one thread issues a box per (page, 64-column block) for K and for V; the
-        // others arrive at once (all 128 arrive on every tile, so no thread runs a phase ahead)
-        if (tid == 0) {
-          const int rows = maps.box_rows;
-          sm90::mbar_arrive_expect_tx(full_k(st), Cfg::kTileBytes);
-          sm90::mbar_arrive_expect_tx(full_v(st), Cfg::kTileBytes);
-#pragma unroll 1
-          for (int r0 = 0; r0 < BK; r0 += rows) {
-            const int key = k0 + r0;
-            const int row = ps_pow2 ? (bt[key >> ps_shift] << ps_shift) + (key & (ps - 1))
-                                    : bt[key / ps] * ps + key % ps;
+      if (whole) {
+        // a whole tile: warp 0 issues a box per (page, 64-column block) for K and for V, lane j page j;
+        // thread 0 arrives with the bytes to expect, everyone else plainly (all 128 arrive on every
+        // tile, so no thread runs a phase ahead)
+        if (tid < 32) {
+          if (lane == 0) {
+            sm90::mbar_arrive_expect_tx(full_k(st), Cfg::kTileBytes);
+            sm90::mbar_arrive_expect_tx(full_v(st), Cfg::kTileBytes);
+          }
+          __syncwarp();
+          if (lane * rows < BK) {
 #pragma unroll
             for (int cb = 0; cb < D / 64; ++cb) {
-              const uint32_t off = cb * BK * 128 + r0 * 128;
+              const uint32_t off = cb * BK * 128 + lane * rows * 128;
               sm90::tma_load_3d(ks + off, &maps.k, cb * 64, kvh, row, full_k(st));
               sm90::tma_load_3d(ks + Cfg::kTileBytes + off, &maps.v, cb * 64, kvh, row, full_v(st));
             }
           }
-        } else {
+        }
+        if (tid != 0) {
           sm90::mbar_arrive(full_k(st));
           sm90::mbar_arrive(full_v(st));
         }
@@ -581,8 +591,7 @@ PrefillMaps prefill_maps(const AttentionArgs& a, int head_dim, long long num_pag
   PrefillMaps m{};
   const int ps = a.page_size;
   const bool nest = ps % 8 == 0 && ps <= 256 && (block_k % ps == 0 || ps % block_k == 0);
-  const char* env = std::getenv("KVFUSE_PREFILL_TMA");
-  if (!nest || (env != nullptr && env[0] == '0')) return m;
+  if (!nest) return m;
   m.box_rows = std::min(ps, block_k);
   const long long rows = num_pages * ps;
   m.use = detail::encode_pool_map<T>(&m.k, a.k_cache, rows, a.num_kv_heads, head_dim, m.box_rows) &&
