@@ -6,14 +6,19 @@
 // accumulators in registers) rather than mma.sync. To keep them busy the loads must never wait on
 // the math and the math never on the loads, so the two run in different warps.
 //
-// Block: three warpgroups (384 threads), one block per (work item, KV head, row block of 128 rows).
+// Block: three warpgroups (384 threads), one block per (work item, KV head, row block of 128 rows),
+//   the work items taken last first (under a causal mask the last query tiles see the most keys).
 //   Rows are (query, head) pairs of the work item's query tile that share the KV head, row = query *
 //   G + head (G = Hq / Hkv), so one K/V tile serves the whole GQA group.
-//   warpgroup 0, the producer, gathers the work item's key tiles (kt_index, block_k = kBlockK keys)
-//     row by row from the paged pool with 16-byte cp.async (zero-filled past the sequence's end) into
-//     a ring of kStages (K, V) stages; per stage and matrix it signals a "full" mbarrier once its
-//     copies have landed (each thread: wait for its copies, proxy fence, arrive), and waits on the
-//     stage's "empty" mbarrier before overwriting it. It keeps 40 registers (setmaxnreg).
+//   warpgroup 0, the producer, fills a ring of kStages (K, V) stages with the work item's key tiles
+//     (kt_index, block_k = kBlockK keys). A tile inside the sequence, when pages hold a multiple of 8
+//     rows and nest with the tile, arrives by TMA: lane j of warp 0 looks its page up (before the stage
+//     is free, the next tile's index a tile ahead) and issues one box per 64-column block of K and of
+//     V, the bytes counted on the stage's "full" mbarriers. Other tiles (other page sizes, the
+//     sequence's last partial tile) are gathered row by row with 16-byte cp.async by all 128 threads,
+//     zero-filled past the sequence's end; each thread waits for its copies, fences to the async proxy
+//     and arrives. Every producer thread waits on the stage's "empty" mbarrier before touching it and
+//     arrives on "full" for every tile, so none runs a phase ahead. It keeps 40 registers (setmaxnreg).
 //   warpgroups 1 and 2, the consumers, own 64 rows each (232 registers each): per tile
 //     S[64, kBlockK] = Q K^T   wgmma_ss (Q and K from shared memory, K-major)
 //     online softmax in base 2 on the S registers (mask code only on partial tiles / the last tile)
@@ -26,6 +31,12 @@
 //
 // Mask, LSE, soft-capping and the sliding window are the decode kernel's (attention.cuh); a query
 // that sees nothing gets output 0 and LSE -inf.
+//
+// Measured (H200, bf16, Hq 32, Hkv 8, d 128, bench/RESULTS.md section 3): 489-526 effective TFLOP/s,
+// tensor pipe active 56%. The TMA path took it from 226-237 (cp.async gathers only) to 439-461, the
+// producer's page look-ups by lane before the stage wait to 489-526. A ping-pong of the two consumers
+// (named barriers around [Q K^T, softmax, P V issue]) was slower (387-403) and is not used. Not built
+// yet: overlap of the softmax with the next tile's Q K^T inside a warpgroup, a persistent grid.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the encode function is fetched from the driver at run time)
