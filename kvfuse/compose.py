@@ -50,7 +50,9 @@ class Composed:
     ``positions`` (int64 ``[length]``, the position of every token) is built on first use, so that a
     zero-copy composition costs metadata only. When every segment's pages were runs (``range``) and
     nothing was copied, ``page_runs`` lists the page table as ``(first page, count)`` runs and ``pages`` /
-    ``reused_pages`` are built on first use too (``page_runs`` is None otherwise).
+    ``reused_pages`` are built on first use too (``page_runs`` is None otherwise). ``host_pages`` /
+    ``host_reused_pages`` are the same tables on the CPU, kept from the composition: reading them
+    waits for no device work.
     """
 
     length: int
@@ -61,6 +63,7 @@ class Composed:
     device: torch.device | None = None
     _pages: torch.Tensor | None = None
     _reused: torch.Tensor | None = None
+    _host: tuple[torch.Tensor, torch.Tensor] | None = None  # (table, reused) on the CPU
 
     def __post_init__(self):
         if self.new_pages is None:
@@ -73,6 +76,18 @@ class Composed:
     @functools.cached_property
     def reused_pages(self) -> torch.Tensor:
         return self._reused if self._reused is not None else _runs_tensor(self.page_runs, self.device)
+
+    @functools.cached_property
+    def host_pages(self) -> torch.Tensor:
+        if self._host is not None:
+            return self._host[0]
+        return _runs_tensor(self.page_runs, "cpu") if self.page_runs is not None else self.pages.cpu()
+
+    @functools.cached_property
+    def host_reused_pages(self) -> torch.Tensor:
+        if self._host is not None:
+            return self._host[1]
+        return _runs_tensor(self.page_runs, "cpu") if self.page_runs is not None else self.reused_pages.cpu()
 
     @functools.cached_property
     def positions(self) -> torch.Tensor:
@@ -144,22 +159,23 @@ def _new_positions(segments, layout, positions):
 
 def _plan_layout(segments, page_size, new_positions) -> _Layout:
     lay = _Layout([], [], [], 0)
+    table = lay.table
     off = 0
     n_tail = len(segments) - 1
     while n_tail >= 0 and segments[n_tail].length == 0:
         n_tail -= 1
     for i, s in enumerate(segments):
-        if s.length == 0:
+        length, start = s.length, s.start
+        if length == 0:
             continue
         delta = new_positions[i] - s.position
-        aligned = s.start % page_size == 0 and off % page_size == 0
-        full = s.length % page_size == 0
+        full = length % page_size == 0
         # a shared (not given-up) segment is reused only if whole pages: appending later must not
         # write into a page the source still owns
-        reuse = aligned and ((s.give_up and (full or i == n_tail)) or (delta == 0 and full))
-        if reuse:
-            p0 = s.start // page_size
-            lay.table.append(("reuse", s.pages[p0: p0 + -(-s.length // page_size)]))
+        if start % page_size == 0 and off % page_size == 0 and (
+                (s.give_up and (full or i == n_tail)) or (delta == 0 and full)):
+            p0 = start // page_size
+            table.append(("reuse", s.pages[p0: p0 + -(-length // page_size)]))
             if delta != 0:
                 lay.rotations.append(i)
         else:
@@ -169,15 +185,15 @@ def _plan_layout(segments, page_size, new_positions) -> _Layout:
                 lay.table.append(("new", need))
                 lay.n_new += need
             lay.copies.append((i, off))
-        off += s.length
+        off += length
     return lay
 
 
 def _page_table(segments, lay: _Layout, dst: torch.Tensor, num_pages: int):
     """Validate the destination pages and assemble the composed page table (int32), or with runs only
     (nothing copied) the table as ``(first, count)`` runs."""
-    if not lay.n_new and all(isinstance(p, range) for k, p in lay.table):
-        runs = tuple((p.start, len(p)) for _, p in lay.table)
+    if not lay.n_new and all(type(p) is range for _, p in lay.table):
+        runs = tuple([(p.start, len(p)) for _, p in lay.table])
         if not _disjoint_runs(runs):
             raise ValueError("the composed page table holds duplicate page ids (two segments share a page); each "
                              "must appear once")
@@ -262,7 +278,7 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     page_size = k_cache.shape[-3]
     lay = _plan_layout(segments, page_size, new_pos)
     _check_moves(segments, lay, new_pos, rope, page_size)
-    work = _backends(runs, lay, backend, k_cache.shape[-1])
+    work = _backends(runs, lay, backend, k_cache.shape[-1]) if lay.copies or lay.rotations else []
     table, dst = _allocate(segments, lay, dst_pages, k_cache)
     # everything is validated: now write. Copies read sources before any in-place rotation.
     _write(work, segments, lay, table, new_pos, page_size, k_cache.device)
@@ -276,7 +292,8 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
     out = to_device_async(torch.cat([table, dst.to(torch.int32), reused_t]), k_cache.device)
     table_d, dst_d, reused_d = out.split([table.numel(), dst.numel(), reused_t.numel()])
-    return Composed(off, ranges, new_pos, dst_d, device=k_cache.device, _pages=table_d, _reused=reused_d)
+    return Composed(off, ranges, new_pos, dst_d, device=k_cache.device, _pages=table_d, _reused=reused_d,
+                    _host=(table, reused_t))
 
 
 def _host_segments(segments, k_cache: torch.Tensor) -> list[SourceSegment]:
@@ -389,7 +406,7 @@ def _allocate(segments, lay: _Layout, dst_pages, k_cache) -> tuple[torch.Tensor,
         if pool is not None:
             pool.free(dst)
         raise
-    return table, dst[: lay.n_new]
+    return table, (dst if dst.numel() == lay.n_new else dst[: lay.n_new])
 
 
 def _slots_and_moves(segments, new_pos, items, page_size: int, table: torch.Tensor | None):

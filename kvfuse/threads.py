@@ -208,8 +208,8 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
     sources, new_pos, out_segs = [], [], list(prefix_segs)
     if n_pre:
         first_pos = next((s.position for s in prefix_segs if not s.pad), 0)
-        sources.append(SourceSegment(torch.tensor(threads[0].pages, dtype=torch.int32, device=store.device),
-                                     n_pre, 0, first_pos, give_up=False))
+        sources.append(SourceSegment(torch.tensor(threads[0].pages, dtype=torch.int32), n_pre, 0, first_pos,
+                                     give_up=False))
         new_pos.append(first_pos)
     cursor = None
     # the join sees everything: the last real segment of the prefix and of each thread already sees all
@@ -234,8 +234,7 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
         own_pages = t.pages[n_pre // ps:]
         sole = all(store.refcount[p] == 1 for p in own_pages)
         give_up = delta == 0 or (not keep_threads and sole)
-        sources.append(SourceSegment(torch.tensor(t.pages, dtype=torch.int32, device=store.device), stored, n_pre,
-                                     lo, give_up=give_up))
+        sources.append(SourceSegment(torch.tensor(t.pages, dtype=torch.int32), stored, n_pre, lo, give_up=give_up))
         new_pos.append(target)
     last_pos = max([s.position + s.length for s in out_segs if not s.pad] or [0])
     if any(p != s.position for s, p in zip(sources, new_pos)):
@@ -251,8 +250,9 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
     except Exception:
         store._unalloc(dst)
         raise
-    store.incref(composed.reused_pages)
-    merged = PagedSequence(store, composed.pages.tolist(), out_segs)
+    # the host copies of the tables: no wait for the copies and rotations just queued on the device
+    store.incref(composed.host_reused_pages)
+    merged = PagedSequence(store, composed.host_pages.tolist(), out_segs)
     if not keep_threads:
         for t in threads:
             t.release()

@@ -239,6 +239,10 @@ def test_page_runs_compose_like_page_tensors(case, layout):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
     assert (a.length, a.ranges, a.starts) == (b.length, b.ranges, b.starts)
     assert a.page_runs is None and (b.page_runs is not None) == (b.new_pages.numel() == 0)
+    for out in (a, b):  # the host copies of the tables are the tables
+        assert out.host_pages.device.type == "cpu" and out.host_pages.dtype == torch.int32
+        assert torch.equal(out.host_pages, out.pages.cpu())
+        assert torch.equal(out.host_reused_pages, out.reused_pages.cpu())
 
 
 def test_zero_copy_of_page_runs_is_runs():
