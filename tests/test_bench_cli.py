@@ -27,6 +27,8 @@ TINY = {
                "--threads", "3", "--page-size", "4", "--steps", "1"],
     "generate": ["--layers", "1", "--q-heads", "2", "--kv-heads", "1", "--head-dim", "16", "--context", "24",
                  "--steps", "2", "--page-size", "4"],
+    "merge": ["--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--prefix", "10", "--threads", "3",
+              "--thread-len", "6", "--page-size", "4"],
     "ceilings": [],
 }
 

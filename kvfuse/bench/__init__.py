@@ -36,6 +36,7 @@ SCENARIOS = {
     "prefill": "block-sparse cross-thread prefill (section 3)",
     "decode": "paged decode after a merge, with and without the cross-thread mask (section 4)",
     "e2e": "merge versus text re-prefill on a Llama-3-8B-shaped model (section 5)",
+    "merge": "kvfuse.merge of T threads in a PagedKVStore (8K tokens, 32 layers): the whole call vs its byte floor",
     "threads": "T threads decoded as one batch (hf.decode, CUDA graphs) versus one by one, Llama-3-8B-shaped model",
     "generate": "model.generate (sdpa / kvfuse, dynamic / static cache) and kvfuse's decode graphs, ms per token",
     "ceilings": "copy / read / matmul ceilings of this machine",
@@ -43,7 +44,7 @@ SCENARIOS = {
     "repair": "merge + repair of a fraction of the tokens versus re-encoding the text (section 7, speed)",
 }
 # fidelity runs apart
-ALL_ORDER = ("ceilings", "rerotate", "compose", "prefill", "decode", "e2e", "threads", "generate", "repair")
+ALL_ORDER = ("ceilings", "rerotate", "compose", "prefill", "decode", "e2e", "merge", "threads", "generate", "repair")
 LIST_THREADS = ("threads", "e2e", "fidelity")  # the scenarios whose --threads takes a list
 
 
@@ -99,12 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--q-heads", type=_positive, help="query heads (prefill, decode, e2e; default 32)")
     g.add_argument("--head-dim", type=_positive, help="head dim (default 128)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="bf16 (default on GPU), fp16 or fp32 (default on CPU)")
-    g.add_argument("--prefix", type=_non_negative, help="shared prefix tokens (prefill, decode mask, e2e, threads)")
+    g.add_argument("--prefix", type=_non_negative,
+                   help="shared prefix tokens (prefill, decode mask, e2e, merge, threads)")
     g.add_argument("--threads", type=_counts, help="threads (default 4); threads, e2e and fidelity take a list: 2,4,8")
-    g.add_argument("--thread-len", type=_positive, help="tokens per thread (prefill, e2e)")
+    g.add_argument("--thread-len", type=_positive, help="tokens per thread (prefill, e2e, merge)")
     g.add_argument("--batch", type=_positive, help="decode batch (default 32)")
     g.add_argument("--context", type=_positive, help="tokens per sequence (decode default 32768; e2e 8192 and 32768)")
-    g.add_argument("--layers", type=_positive, help="model layers (e2e, threads; default 32)")
+    g.add_argument("--layers", type=_positive, help="model layers (e2e, merge, threads; default 32)")
     g.add_argument("--steps", type=_positive, help="decode steps per thread (threads, generate; default 32, CPU 4); "
                    "repetitions (repair; default 3)")
     g.add_argument("--repair", type=float, help="fraction of the tokens repaired (repair; default 0.15)")
