@@ -53,6 +53,9 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   KVFUSE_CHECK(kt_indptr.numel() == work_seq.numel() + 1 && work_qtile.numel() == work_seq.numel(),
               "work_seq/work_qtile/kt_indptr sizes differ");
 
+  for (const at::Tensor* t : {&q, &k_cache, &v_cache})  // the kernels copy 16-byte chunks
+    KVFUSE_CHECK(reinterpret_cast<std::uintptr_t>(t->data_ptr()) % 16 == 0,
+                 "q, k_cache and v_cache must start on a 16-byte boundary (a view at an odd offset is not)");
   const at::Tensor qc = q.contiguous();
   const at::Tensor anc = ancestors.contiguous();
   const at::Tensor full = kt_full.contiguous();
@@ -65,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   // a tile map of more than kDecodeMaxQ queries per tile is a prefill plan (kvfuse/backends/cuda.py)
   const bool prefill = block_q > kvfuse::kDecodeMaxQ;
   if (prefill) {
-    KVFUSE_CHECK(kvfuse::prefill_sm90_available(q.device().index()),
+    KVFUSE_CHECK(kvfuse::prefill_sm90_available(q.device().index()) == 1,
                  "the CUDA prefill kernel needs a Hopper GPU (compute capability 9.0) and an extension built "
                  "for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a)");
     const int bk = d == 64 ? kvfuse::PrefillConfig<64>::kBlockK
@@ -134,4 +137,6 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
   return {out, lse};
 }
 
-bool prefill_sm90_available(int64_t device) { return kvfuse::prefill_sm90_available(static_cast<int>(device)); }
+int64_t prefill_sm90_available(int64_t device) {
+  return kvfuse::prefill_sm90_available(static_cast<int>(device));
+}

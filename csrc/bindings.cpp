@@ -11,7 +11,7 @@ std::tuple<at::Tensor, at::Tensor> segment_attention(
     at::Tensor qo_indptr, at::Tensor token_seg, at::Tensor ancestors, at::Tensor q_token, at::Tensor token_pos,
     at::Tensor work_seq, at::Tensor work_qtile, at::Tensor kt_indptr, at::Tensor kt_index, at::Tensor kt_full,
     int64_t block_q, int64_t block_k, double sm_scale, double softcap, int64_t window);
-bool prefill_sm90_available(int64_t device);
+int64_t prefill_sm90_available(int64_t device);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kvfuse CUDA kernels (see kvfuse/backends/cuda.py for the Python side)";
@@ -22,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Segment-masked paged attention: decode (split over keys) or, for tiles of more than 8 queries, "
         "the Hopper prefill kernel");
   m.def("prefill_sm90_available", &prefill_sm90_available,
-        "Whether the Hopper prefill kernel runs on this device (compute capability 9.0, sm_90a code)");
+        "Whether the Hopper prefill kernel runs on this device (compute capability 9.0, sm_90a code): "
+        "1 yes, 0 no, -1 the probe could not run (not during CUDA-graph capture)");
 }

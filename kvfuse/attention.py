@@ -418,6 +418,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     if sm_scale == 0.0:  # every score is 0: a uniform softmax (kernels would compute -inf * 0 on masked keys)
         q, sm_scale = torch.zeros_like(q), 1.0
+    elif sm_scale < 0.0:  # the kernels fold the scale after the row max: give them (-q, -scale), the same scores
+        q, sm_scale = -q, -sm_scale
     if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not softcap >= 0 or \
             softcap == float("inf"):
         raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")

@@ -357,8 +357,13 @@ def _check_moves(segments, lay: _Layout, new_pos, rope, page_size: int) -> None:
 
     kept = [used(s) for s in segments if not s.give_up]
     if lay.rotations and kept:
-        rotated = torch.cat([_as_tensor(used(segments[i])) for i in lay.rotations])
-        if bool(torch.isin(rotated, torch.cat([_as_tensor(p) for p in kept])).any()):
+        rotated = [used(segments[i]) for i in lay.rotations]
+        if all(type(p) is range for p in rotated + kept):  # runs: compare the intervals
+            shared = any(a and b and a.start < b.stop and b.start < a.stop for a in rotated for b in kept)
+        else:
+            shared = bool(torch.isin(torch.cat([_as_tensor(p) for p in rotated]),
+                                     torch.cat([_as_tensor(p) for p in kept])).any())
+        if shared:
             raise ValueError("a given-up segment that must be re-rotated in place shares pages with a segment "
                              "that is not given up; give up both or neither")
     if any(new_pos[i] != segments[i].position for i, _ in lay.copies) or lay.rotations:
@@ -415,7 +420,11 @@ def _slots_and_moves(segments, new_pos, items, page_size: int, table: torch.Tens
     src, dst, moves = [], [], []
     for i, off in items:
         s = segments[i]
-        src.append(slots_of(_as_tensor(s.pages), s.start, s.length, page_size))
+        if type(s.pages) is range:  # consecutive pages: consecutive slots (the range was validated)
+            first = s.pages.start * page_size + s.start
+            src.append(torch.arange(first, first + s.length, dtype=torch.int64))
+        else:
+            src.append(slots_of(_as_tensor(s.pages), s.start, s.length, page_size))
         if table is not None:
             dst.append(slots_of(table, off, s.length, page_size))
         moves.append((s.length, new_pos[i] - s.position))

@@ -167,6 +167,23 @@ class PagedKVStore:
                 self._free.append(i)
 
 
+    def _hand_over(self, take: list[int], release: list[PagedSequence]) -> None:
+        """One reference more on each page of ``take`` (a new sequence's pages taken over from others),
+        then ``release`` each sequence of ``release``: what `incref` and `PagedSequence.release` do, with
+        the same free-list order, but without their checks, for page lists this store already holds
+        (the live sequences' own pages): `merge` hands the threads' pages to the merged sequence."""
+        rc, free = self.refcount, self._free
+        for i in take:
+            rc[i] += 1
+        for seq in release:
+            if seq.released:
+                continue
+            for i in seq.pages:
+                rc[i] -= 1
+                if rc[i] == 0:
+                    free.append(i)
+            seq.released, seq.pages = True, []
+
     def _held(self, what: str, pages) -> list[int]:
         ids = check_page_ids("pages", pages, self.num_pages)
         for i in ids:

@@ -159,6 +159,15 @@ def _span(segs: _Seq[SegmentInfo]) -> tuple[int, int]:
     return lo, max(s.position + s.length for s in real) - lo
 
 
+def _page_arg(pages: list[int]):
+    """A page list for `SourceSegment`: a ``range`` when the pages are consecutive (then compose checks
+    and joins them in O(1)), else an int32 host tensor."""
+    n = len(pages)
+    if n and pages[-1] - pages[0] == n - 1 and pages == list(range(pages[0], pages[0] + n)):
+        return range(pages[0], pages[0] + n)
+    return torch.tensor(pages, dtype=torch.int32)
+
+
 def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_threads: bool = False,
           name: str = "join", backend: str | None = None) -> PagedSequence:
     """Compose sibling threads (from one `fork`) into one sequence, via `kvfuse.compose`.
@@ -208,7 +217,7 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
     sources, new_pos, out_segs = [], [], list(prefix_segs)
     if n_pre:
         first_pos = next((s.position for s in prefix_segs if not s.pad), 0)
-        sources.append(SourceSegment(torch.tensor(threads[0].pages, dtype=torch.int32), n_pre, 0, first_pos,
+        sources.append(SourceSegment(_page_arg(threads[0].pages[: -(-n_pre // ps)]), n_pre, 0, first_pos,
                                      give_up=False))
         new_pos.append(first_pos)
     cursor = None
@@ -234,7 +243,7 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
         own_pages = t.pages[n_pre // ps:]
         sole = all(store.refcount[p] == 1 for p in own_pages)
         give_up = delta == 0 or (not keep_threads and sole)
-        sources.append(SourceSegment(torch.tensor(t.pages, dtype=torch.int32), stored, n_pre, lo, give_up=give_up))
+        sources.append(SourceSegment(_page_arg(t.pages[n_pre // ps:]), stored, n_pre % ps, lo, give_up=give_up))
         new_pos.append(target)
     last_pos = max([s.position + s.length for s in out_segs if not s.pad] or [0])
     if any(p != s.position for s, p in zip(sources, new_pos)):
@@ -250,12 +259,10 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
     except Exception:
         store._unalloc(dst)
         raise
-    # the host copies of the tables: no wait for the copies and rotations just queued on the device
-    store.incref(composed.host_reused_pages)
+    # the host copies of the tables: no wait for the copies and rotations just queued on the device;
+    # the reused pages are the live threads' own (checked above), so the references change unchecked
     merged = PagedSequence(store, composed.host_pages.tolist(), out_segs)
-    if not keep_threads:
-        for t in threads:
-            t.release()
+    store._hand_over(composed.host_reused_pages.tolist(), [] if keep_threads else threads)
     return merged
 
 

@@ -193,3 +193,20 @@ def test_strided_block_table_is_honoured(backend):
 def test_plan_rejects_float_q_lens():
     with pytest.raises(TypeError, match="q_lens"):
         kvfuse.plan(kvfuse.AttentionSpec([SegmentGraph([Segment("a", 4)])], q_lens=[2.9]))
+
+
+@pytest.mark.parametrize("case", ["prefill-fork-join", "decode"])
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["plain", "softcap"])
+def test_negative_sm_scale(backend, case, softcap):
+    """A negative softmax scale is a valid scale: the scores are ``sm_scale * q.k`` with the sign kept
+    (kernels that take the row max of unscaled scores would get it backwards)."""
+    dev = device_for(backend)
+    graphs, q_lens = _graphs(case)
+    p, q, k, v, table = _setup(graphs, q_lens, 4, 2, 64, 16, torch.float16, dev)
+    skip_unless_supported("segment_attention", backend, q=q, k_cache=k, plan=p)
+    out, lse = kvfuse.attention(q, k, v, table, p, sm_scale=-0.3, softcap=softcap, return_lse=True, backend=backend)
+    want, want_lse = ref_attention(q.double(), k.double(), v.double(), table, p.kv_lens, p.qo_indptr,
+                                   p.token_seg, p.ancestors, -0.3, softcap=softcap)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, want_lse.float(), atol=2e-3, rtol=2e-3)

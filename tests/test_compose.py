@@ -163,15 +163,19 @@ def test_compose_from_page_pool_allocates_exactly():
     assert pool.num_free == free - out.new_pages.numel() == free - 2
 
 
-def test_compose_rejects_rotating_a_page_a_kept_segment_owns():
+@pytest.mark.parametrize("runs", [False, True], ids=["tensors", "runs"])
+def test_compose_rejects_rotating_a_page_a_kept_segment_owns(runs):
     cfg = kvfuse.RopeConfig(head_dim=16)
     k, v = torch.randn(2, 6, 4, 1, 16).unbind(0)
     bk = k.clone()
-    kept = SourceSegment(torch.tensor([0, 1]), 8, position=0)
-    moved = SourceSegment(torch.tensor([1]), 4, position=0, give_up=True)  # page 1 is also kept's
+    kept = SourceSegment(range(0, 2) if runs else torch.tensor([0, 1]), 8, position=0)
+    moved = SourceSegment(range(1, 2) if runs else torch.tensor([1]), 4, position=0, give_up=True)  # kept's page 1
     with pytest.raises(ValueError, match="shares pages"):
         kvfuse.compose(k, v, [kept, moved], cfg, dst_pages=torch.tensor([4, 5]))
     assert torch.equal(k, bk)
+    apart = SourceSegment(range(2, 3) if runs else torch.tensor([2]), 4, position=0, give_up=True)
+    out = kvfuse.compose(k, v, [kept, apart], cfg, dst_pages=torch.tensor([4, 5]))  # no shared page: allowed
+    assert out.length == 12
 
 
 def test_compose_pool_pages_not_leaked_when_backend_rejected():

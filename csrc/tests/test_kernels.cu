@@ -442,6 +442,15 @@ void run_prefill_tests() {
     test_decode<BF>({128, 8, 8, 333, 256, 128, 128, 1, {700, 333}, false, 0, 0.f, true}, "prefill sm90 bf16 mha ps256");
     test_decode<__half>({64, 4, 1, 17, 3, 32, 128, 1, {17, 40, 500}, false, 0, 0.f, true},
                         "prefill sm90 f16 d64 mqa4 q17 ps3");
+    // TMA boxes of other page sizes: 16 / 4 / 2 / 1 lanes per tile, a page size that nests only with
+    // the 64-key tile of head_dim 256 (192 = 3 x 64), and groups whose 128 // G rows leave a remainder
+    test_decode<BF>({128, 8, 2, 300, 8, 32, 128, 1, {555, 300}, false, 0, 0.f, true}, "prefill sm90 bf16 ps8");
+    test_decode<BF>({128, 8, 2, 300, 32, 32, 128, 1, {555, 300}, false, 0, 0.f, true}, "prefill sm90 bf16 ps32");
+    test_decode<__half>({128, 8, 2, 300, 64, 32, 128, 1, {555, 300}, false, 0, 0.f, true}, "prefill sm90 f16 ps64");
+    test_decode<BF>({128, 8, 2, 300, 128, 32, 128, 1, {555, 300}, false, 0, 0.f, true}, "prefill sm90 bf16 ps128");
+    test_decode<BF>({256, 4, 2, 300, 192, 64, 64, 1, {700, 300}, false, 0, 0.f, true}, "prefill sm90 bf16 d256 ps192");
+    test_decode<BF>({128, 18, 2, 150, 16, 14, 128, 1, {301, 150}, false, 0, 0.f, true}, "prefill sm90 bf16 gqa9");
+    test_decode<BF>({64, 40, 2, 100, 16, 16, 128, 1, {301, 100}, false, 0, 0.f, true}, "prefill sm90 bf16 gqa20");
   } else {
     std::printf("prefill sm90: skipped (compute capability %d, needs 9)\n", major);
   }

@@ -68,7 +68,11 @@ def _attention_reasons(q=None, k_cache=None, plan=None, **_) -> list[str]:
     if not k_cache.is_contiguous():
         why.append("k_cache/v_cache must be contiguous")
     prefill = plan is not None and plan.max_q > DECODE_MAX_Q
-    if q.device.type == "cuda" and prefill and not _prefill_available(q.device):
+    available = _prefill_available(q.device) if q.device.type == "cuda" and prefill else True
+    if available is None:
+        why.append("the CUDA prefill kernel's availability is probed with a device synchronisation, which a "
+                   "CUDA-graph capture does not allow: run one prefill on this device before capturing")
+    elif not available:
         props = torch.cuda.get_device_properties(q.device)
         why.append(f"the plan has {plan.max_q} queries per sequence, more than the decode kernel's {DECODE_MAX_Q}: "
                    f"the CUDA prefill kernel needs a Hopper GPU (compute capability 9.0) and an extension built for "
@@ -89,24 +93,35 @@ def _attention_reasons(q=None, k_cache=None, plan=None, **_) -> list[str]:
 _PREFILL_AVAILABLE: dict[int, bool] = {}
 
 
-def _prefill_available(device: torch.device) -> bool:
+def _prefill_available(device: torch.device) -> bool | None:
+    """Whether the Hopper prefill kernel runs on ``device``; None when that cannot be probed now (the
+    probe synchronises: not during a CUDA-graph capture; run one prefill eagerly first). Cached once
+    known."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _PREFILL_AVAILABLE:
-        _PREFILL_AVAILABLE[index] = bool(_C.prefill_sm90_available(index))
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        answer = int(_C.prefill_sm90_available(index))
+        if answer < 0:
+            return None
+        _PREFILL_AVAILABLE[index] = answer == 1
     return _PREFILL_AVAILABLE[index]
 
 
 def _tile_shape(head_dim: int, max_q_len: int, group: int = 1) -> tuple[int, int]:
     """Decode (at most 8 queries per sequence): one query tile per sequence (the next power of two >= its
-    query count), 64-key tiles. Prefill: tiles of ``128 // group`` queries (at least 16: more than the
-    decode kernel takes, which is how the extension tells the two plans apart), so that a block's 128
-    (query, head) rows cover the GQA group; keys in tiles of the kernel's ``PREFILL_BLOCK_K``."""
+    query count), 64-key tiles. Prefill: tiles of ``128 // group`` queries, so that a block's 128
+    (query, head) rows cover the GQA group, or 16 queries when that would be 8 or fewer (always more
+    than the decode kernel takes, which is how the extension tells the two plans apart); keys in tiles
+    of the kernel's ``PREFILL_BLOCK_K``."""
     if max_q_len <= DECODE_MAX_Q:
         bq = 1
         while bq < max(1, max_q_len):
             bq *= 2
         return bq, DECODE_BLOCK_K
-    return max(2 * DECODE_MAX_Q, PREFILL_ROWS // max(1, group)), PREFILL_BLOCK_K[head_dim]
+    # groups of 15 and more: 16 queries, so that the rows fill whole blocks when the group is a power of 2
+    fill = PREFILL_ROWS // max(1, group)
+    return (fill if fill > DECODE_MAX_Q else 2 * DECODE_MAX_Q), PREFILL_BLOCK_K.get(head_dim, 64)
 
 
 @register("rerotate_", "cuda", reasons=_pool_reasons)

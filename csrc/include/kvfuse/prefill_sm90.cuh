@@ -41,6 +41,7 @@
 
 #include <cuda.h>  // CUtensorMap (the encode function is fetched from the driver at run time)
 
+#include <atomic>
 #include <type_traits>
 
 #include "kvfuse/attention.cuh"
@@ -506,7 +507,7 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
 #endif
 }
 
-__global__ void sm90a_probe_kernel(int* has) {
+static __global__ void sm90a_probe_kernel(int* has) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   *has = 1;
 #else
@@ -514,33 +515,33 @@ __global__ void sm90a_probe_kernel(int* has) {
 #endif
 }
 
-// Whether prefill_sm90_kernel runs on `device`: compute capability 9.0 and this binary carries its
-// sm_90a code (a build for plain sm_90 compiles the kernel to a trap). Probed once per device, with a
-// device synchronisation: call it outside CUDA-graph capture first.
-inline bool prefill_sm90_available(int device) {
-  static int known[64] = {};  // 0: not probed, 1: no, 2: yes
-  if (device < 0 || device >= 64) return false;
-  if (known[device]) return known[device] == 2;
+// Whether prefill_sm90_kernel runs on `device`: 1 yes (compute capability 9.0 and this binary carries
+// its sm_90a code; a build for plain sm_90 compiles the kernel to a trap), 0 no, -1 the probe could not
+// run (it allocates, launches and synchronises: not during a CUDA-graph capture; a failure is not
+// cached). The answer is cached per device.
+inline int prefill_sm90_available(int device) {
+  static std::atomic<int> known[64];  // 0: not probed, 1: no, 2: yes
+  if (device < 0 || device >= 64) return 0;
+  const int k = known[device].load();
+  if (k) return k == 2 ? 1 : 0;
   int major = 0, prev = 0, has = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) {
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return -1;
+  if (major != 9) {
     known[device] = 1;
-    return false;
+    return 0;
   }
+  if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) return -1;
   int* d_has = nullptr;
-  bool ok = cudaGetDevice(&prev) == cudaSuccess && cudaSetDevice(device) == cudaSuccess &&
-            cudaMalloc(&d_has, sizeof(int)) == cudaSuccess;
+  bool ok = cudaMalloc(&d_has, sizeof(int)) == cudaSuccess;
   if (ok) {
     sm90a_probe_kernel<<<1, 1>>>(d_has);
     ok = cudaGetLastError() == cudaSuccess && cudaMemcpy(&has, d_has, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
   }
   if (d_has) cudaFree(d_has);
   cudaSetDevice(prev);
-  if (!ok) {
-    (void)cudaGetLastError();  // a failed probe (no kernel image for the device): not available
-    return false;
-  }
+  if (!ok) return -1;
   known[device] = has ? 2 : 1;
-  return has != 0;
+  return has ? 1 : 0;
 }
 
 // Row blocks (of 128 rows) of a work item of block_q queries x `group` heads.
@@ -605,6 +606,7 @@ PrefillMaps prefill_maps(const AttentionArgs& a, int head_dim, long long num_pag
   if (!nest) return m;
   m.box_rows = std::min(ps, block_k);
   const long long rows = num_pages * ps;
+  if (rows > INT_MAX) return m;  // TMA row coordinates are int32: gather with cp.async
   m.use = detail::encode_pool_map<T>(&m.k, a.k_cache, rows, a.num_kv_heads, head_dim, m.box_rows) &&
           detail::encode_pool_map<T>(&m.v, a.v_cache, rows, a.num_kv_heads, head_dim, m.box_rows);
   return m;
