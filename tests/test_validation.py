@@ -417,6 +417,7 @@ def test_rerotate_honours_the_stride_of_slots(backend):
 # ---------------------------------------------------------------------------------------------- dispatch
 def test_first_dispatch_of_two_threads_does_not_race(monkeypatch):
     """Every thread waits until the backends are loaded (the first used to mark them loaded, then import)."""
+    dispatch._load("torch")  # `saved` is a snapshot of the registry: it must hold the torch backend
     saved = {op: dict(impls) for op, impls in dispatch._REGISTRY.items()}
 
     def slow_import(mod):
