@@ -140,6 +140,10 @@ class Case:
     x: float | None = None
     header: str = ""
     series: str = ""  # appended to each provider's label to name its plot line (e.g. " (masked)")
+    # host-bound calls (page-table work that enqueues little or nothing on the device): timed with the
+    # host clock around the call and a device synchronisation, since CUDA events recorded around a call
+    # that enqueues nothing measure nothing of it
+    host_timed: bool = False
 
 
 def opt(ctx: Ctx, name: str, gpu_default, cpu_default=None):

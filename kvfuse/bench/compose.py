@@ -159,7 +159,7 @@ def run(ctx: Ctx) -> None:
         ref = Reference(lambda s: _dense(s, [s["position"]] * len(s["lens"]), rope), inplace=False)
         run_case(ctx, Case(
             NAME, f"zero-copy pages={pages} page={page} threads={threads} kv_heads={hkv} head_dim={d} {dt}", st,
-            zero, references={"default": ref}, baseline="torch", x=pages, group=f"zero-copy {pages}",
+            zero, references={"default": ref}, baseline="torch", x=pages, group=f"zero-copy {pages}", host_timed=True,
             header=f"{threads} threads given up, page-aligned, shared layout, {st['total']} tokens: "
                    "only page tables change (public API timed whole)"), prog)
         del st

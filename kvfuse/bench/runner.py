@@ -103,7 +103,7 @@ def _run_provider_untimed(ctx: Ctx, case: Case, p: Provider, expected: dict) -> 
         else:
             work = [case.state] + [clone_state(case.state) for _ in range(n - 1)]
         fns = [p.make(s) for s in work]
-        r.ms, r.p20, r.p80, r.timing = measure(fns, ctx)
+        r.ms, r.p20, r.p80, r.timing = measure(fns, ctx, host=case.host_timed)
         if n > 1:
             r.timing += f", {n} buffers"
     except Skip as e:

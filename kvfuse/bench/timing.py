@@ -40,8 +40,10 @@ def free_bytes(device: torch.device) -> int:
         return 8 << 30
 
 
-def measure(fns: list[Callable], ctx: Ctx) -> tuple[float, float, float, str]:
-    """(median, p20, p80) milliseconds of one call, rotating over the ``fns`` (one per input buffer)."""
+def measure(fns: list[Callable], ctx: Ctx, host: bool = False) -> tuple[float, float, float, str]:
+    """(median, p20, p80) milliseconds of one call, rotating over the ``fns`` (one per input buffer).
+    ``host``: time with the host clock around the calls and a device synchronisation (for calls that
+    are host-bound: CUDA events around a call that enqueues nothing would measure ~0)."""
     n = len(fns)
 
     def call():
@@ -50,8 +52,13 @@ def measure(fns: list[Callable], ctx: Ctx) -> tuple[float, float, float, str]:
 
     call()  # warm up: compilation, autotuning, workspace allocation
     sync(ctx.device)
-    if ctx.cpu:
-        return _cpu_timer(call, n, ctx.args.rep_ms)
+    if ctx.cpu or host:
+        def synced():
+            call()
+            sync(ctx.device)
+
+        med, p20, p80, how = _cpu_timer(synced, n, ctx.args.rep_ms)
+        return med, p20, p80, how + ("" if ctx.cpu else ", then a device synchronisation")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     call()
@@ -85,7 +92,7 @@ def measure(fns: list[Callable], ctx: Ctx) -> tuple[float, float, float, str]:
 
 def _cpu_timer(call, n, rep_ms) -> tuple[float, float, float, str]:
     times, budget = [], time.perf_counter() + rep_ms / 1000
-    while len(times) < 3 or (time.perf_counter() < budget and len(times) < 100):
+    while len(times) < 3 or (time.perf_counter() < budget and len(times) < 1000):
         t0 = time.perf_counter()
         call()
         times.append((time.perf_counter() - t0) * 1000 / n)
