@@ -55,6 +55,15 @@ __device__ __forceinline__ void fence_operands(float (&r)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// The A fragments of a wgmma_rs in flight: kept live and unmoved until the product's wait.
+template <int M>
+__device__ __forceinline__ void fence_operands(uint32_t (&r)[M][4]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
 template <typename T, int N>
 struct Wgmma;
 """

@@ -190,7 +190,7 @@ struct PrefillMaps {
   int box_rows;  // min(page_size, block_k): rows of one box
 };
 
-template <typename T, int D>
+template <typename T, int D, bool kOverlap>
 __global__ void __launch_bounds__(kPrefillThreads, 1)
 prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -202,7 +202,7 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
   constexpr int NO = D / 2;   // O accumulators per thread
 
   extern __shared__ unsigned char smem_raw[];
-  __shared__ __align__(8) uint64_t bars[3 * S];  // full K [S] | full V [S] | empty [S]
+  __shared__ __align__(8) uint64_t bars[4 * S];  // full K [S] | full V [S] | empty K [S] | empty V [S]
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
@@ -229,12 +229,14 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
   const uint32_t bar0 = detail::smem_addr(bars);
   auto full_k = [&](int s) { return bar0 + 8u * s; };
   auto full_v = [&](int s) { return bar0 + 8u * (S + s); };
-  auto empty = [&](int s) { return bar0 + 8u * (2 * S + s); };
+  auto empty_k = [&](int s) { return bar0 + 8u * (2 * S + s); };
+  auto empty_v = [&](int s) { return bar0 + 8u * (3 * S + s); };
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       sm90::mbar_init(full_k(s), 128);
       sm90::mbar_init(full_v(s), 128);
-      sm90::mbar_init(empty(s), 256);
+      sm90::mbar_init(empty_k(s), 256);
+      sm90::mbar_init(empty_v(s), 256);
     }
     sm90::fence_barrier_init();
   }
@@ -270,30 +272,27 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
         const int key = k0 + lane * rows;
         row = ps_pow2 ? (bt[key >> ps_shift] << ps_shift) + (key & (ps - 1)) : bt[key / ps] * ps + key % ps;
       }
-      sm90::mbar_wait(empty(st), ((it / S) & 1) ^ 1);
+      const uint32_t free_ph = ((it / S) & 1) ^ 1;
       const uint32_t ks = kv_smem + st * Cfg::kStageBytes;
       if (whole) {
-        // a whole tile: warp 0 issues a box per (page, 64-column block) for K and for V, lane j page j;
-        // thread 0 arrives with the bytes to expect, everyone else plainly (all 128 arrive on every
-        // tile, so no thread runs a phase ahead)
-        if (tid < 32) {
-          if (lane == 0) {
-            sm90::mbar_arrive_expect_tx(full_k(st), Cfg::kTileBytes);
-            sm90::mbar_arrive_expect_tx(full_v(st), Cfg::kTileBytes);
-          }
-          __syncwarp();
-          if (lane * rows < BK) {
+        // a whole tile: warp 0 issues a box per (page, 64-column block), lane j page j, for K once its
+        // stage is free, then for V once that one is; thread 0 arrives with the bytes to expect,
+        // everyone else plainly (all 128 arrive on every tile, so no thread runs a phase ahead)
 #pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb) {
-              const uint32_t off = cb * BK * 128 + lane * rows * 128;
-              sm90::tma_load_3d(ks + off, &maps.k, cb * 64, kvh, row, full_k(st));
-              sm90::tma_load_3d(ks + Cfg::kTileBytes + off, &maps.v, cb * 64, kvh, row, full_v(st));
+        for (int m = 0; m < 2; ++m) {
+          const uint32_t full = m == 0 ? full_k(st) : full_v(st);
+          sm90::mbar_wait(m == 0 ? empty_k(st) : empty_v(st), free_ph);
+          if (tid < 32) {
+            if (lane == 0) sm90::mbar_arrive_expect_tx(full, Cfg::kTileBytes);
+            __syncwarp();
+            if (lane * rows < BK) {
+#pragma unroll
+              for (int cb = 0; cb < D / 64; ++cb)
+                sm90::tma_load_3d(ks + m * Cfg::kTileBytes + cb * BK * 128 + lane * rows * 128,
+                                  m == 0 ? &maps.k : &maps.v, cb * 64, kvh, row, full);
             }
           }
-        }
-        if (tid != 0) {
-          sm90::mbar_arrive(full_k(st));
-          sm90::mbar_arrive(full_v(st));
+          if (tid != 0) sm90::mbar_arrive(full);
         }
         continue;
       }
@@ -301,6 +300,7 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
       for (int m = 0; m < 2; ++m) {
         const T* src0 = m == 0 ? kp : vp;
         const uint32_t dst0 = ks + m * Cfg::kTileBytes;
+        sm90::mbar_wait(m == 0 ? empty_k(st) : empty_v(st), free_ph);
 #pragma unroll 4
         for (int i = 0; i < LOADS; ++i) {
           const int r = key_lo + i * KEY_STRIDE;
@@ -384,28 +384,14 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
     const uint64_t dv0 = sm90::desc_sw128(kv_smem + Cfg::kTileBytes, BK * 128, 1024);
     const float sc = a.softcap_mul != 0.f ? 1.f : a.scale_log2;  // scores -> base-2 logits
 
-    for (int it = 0; it < ntiles; ++it) {
-      const int st = it % S;
-      const uint32_t ph = (it / S) & 1;
+    // Tile `it`'s scores: optional soft-capping, the mask (partial / last tiles only), then the online
+    // softmax in base 2 (logit = sc * s; row h of this thread: s[4j + 2h], s[4j + 2h + 1]). s becomes
+    // the unnormalised probabilities, m the new row maxima; corr[h] rescales what came before, rs[h]
+    // is the row sum of this tile.
+    auto softmax = [&](float (&s)[NS], int it, float (&corr)[2], float (&rs)[2]) {
       const int k0 = a.kt_index[t_beg + it] * BK;
       const int kend = min(k0 + BK, n);
       const bool full = a.kt_full[t_beg + it] != 0 && kend - k0 == BK;
-      const uint64_t stage = static_cast<uint64_t>(st * Cfg::kStageBytes) >> 4;
-
-      // S = Q K^T
-      float s[NS];
-      sm90::mbar_wait(full_k(st), ph);
-      sm90::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint64_t step = ((kk >> 2) * 64 * 128 + (kk & 3) * 32) >> 4;
-        const uint64_t kstep = ((kk >> 2) * BK * 128 + (kk & 3) * 32) >> 4;
-        sm90::wgmma_ss<T, BK>(s, dq0 + step, dk0 + stage + kstep, kk > 0);
-      }
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_operands(s);
-
       if (a.softcap_mul != 0.f) {
 #pragma unroll
         for (int i = 0; i < NS; ++i) s[i] = tanhf(s[i] * a.softcap_pre) * a.softcap_mul;
@@ -427,9 +413,7 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
             }
           }
       }
-
-      // online softmax in base 2 (logit = sc * s); row h of this thread: s[4j + 2h], s[4j + 2h + 1]
-      float corr[2], mu[2];
+      float mu[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float mx = -INFINITY;
@@ -442,23 +426,23 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
         corr[h] = sm90::ex2(m[h] - mu[h]);
         m[h] = mnew;
       }
-      float rs[2] = {0.f, 0.f};
+      rs[0] = rs[1] = 0.f;
 #pragma unroll
       for (int i = 0; i < NS; ++i) {
         const int h = (i >> 1) & 1;
         s[i] = sm90::ex2(fmaf(s[i], sc, -mu[h]));
         rs[h] += s[i];
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + rs[h];
-      // corr is exactly 1 where a row max did not move: skip the rescale when that holds for the warp
+    };
+    // O rescaled by corr (skipped when no row max of the warp moved: corr is then exactly 1)
+    auto rescale_o = [&](const float (&corr)[2]) {
       if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
         for (int i = 0; i < NO; ++i) o[i] *= corr[(i >> 1) & 1];
       }
-
-      // P as A fragments: keys 16kk .. 16kk + 15 are n8 blocks 2kk, 2kk + 1 of S
-      uint32_t pa[BK / 16][4];
+    };
+    // P as A fragments: keys 16kk .. 16kk + 15 are n8 blocks 2kk, 2kk + 1 of S
+    auto pack = [&](const float (&s)[NS], uint32_t (&pa)[BK / 16][4]) {
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
         pa[kk][0] = detail::pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -466,17 +450,100 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
         pa[kk][2] = detail::pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
         pa[kk][3] = detail::pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
       }
-
-      // O += P V
-      sm90::mbar_wait(full_v(st), ph);
-      sm90::fence_operands(o);
-      sm90::wgmma_fence();
+    };
+    auto issue_qk = [&](float (&s)[NS], int st) {  // S = Q K^T of stage st (one commit group)
+      const uint64_t stage = static_cast<uint64_t>(st * Cfg::kStageBytes) >> 4;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t step = ((kk >> 2) * 64 * 128 + (kk & 3) * 32) >> 4;
+        const uint64_t kstep = ((kk >> 2) * BK * 128 + (kk & 3) * 32) >> 4;
+        sm90::wgmma_ss<T, BK>(s, dq0 + step, dk0 + stage + kstep, kk > 0);
+      }
+      sm90::wgmma_commit();
+    };
+    auto issue_pv = [&](const uint32_t (&pa)[BK / 16][4], int st) {  // O += P V of stage st (one group)
+      const uint64_t stage = static_cast<uint64_t>(st * Cfg::kStageBytes) >> 4;
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) sm90::wgmma_rs<T, D>(o, pa[kk], dv0 + stage + ((kk * 16 * 128) >> 4), true);
       sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_operands(o);
-      sm90::mbar_arrive(empty(st));
+    };
+
+    float s[NS], corr[2], rs[2];
+    uint32_t pa[BK / 16][4];
+    if constexpr (kOverlap) {
+      // Two tiles in flight per warpgroup (FlashAttention-3's intra-warpgroup overlap): S(t) = Q K(t)^T
+      // is issued, O is rescaled for tile t-1 meanwhile, O += P(t-1) V(t-1) is issued, and tile t's
+      // softmax runs while that product is on the tensor cores. K and V stages are released
+      // separately: K once S is in registers, V once its product is done. P is packed after the
+      // product's wait (packing while it runs serialises the wgmmas: ptxas C7513).
+      if (ntiles > 0) {
+        sm90::mbar_wait(full_k(0), 0);
+        sm90::wgmma_fence();
+        issue_qk(s, 0);
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(s);
+        sm90::mbar_arrive(empty_k(0));
+        softmax(s, 0, corr, rs);
+        l[0] = rs[0], l[1] = rs[1];
+        corr[0] = corr[1] = 1.f;  // O is still 0
+        pack(s, pa);
+      }
+      for (int it = 1; it < ntiles; ++it) {
+        const int st = it % S, pst = (it - 1) % S;
+        sm90::mbar_wait(full_k(st), (it / S) & 1);
+        sm90::wgmma_fence();
+        issue_qk(s, st);
+        rescale_o(corr);
+        sm90::mbar_wait(full_v(pst), ((it - 1) / S) & 1);
+        sm90::fence_operands(o);
+        sm90::wgmma_fence();
+        issue_pv(pa, pst);
+        sm90::wgmma_wait<1>();  // S(t) done, P(t-1) V(t-1) may still run
+        sm90::fence_operands(s);
+        sm90::mbar_arrive(empty_k(st));
+        softmax(s, it, corr, rs);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + rs[h];
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(o);
+        sm90::fence_operands(pa);
+        sm90::mbar_arrive(empty_v(pst));
+        pack(s, pa);
+      }
+      if (ntiles > 0) {
+        const int lst = (ntiles - 1) % S;
+        rescale_o(corr);
+        sm90::mbar_wait(full_v(lst), ((ntiles - 1) / S) & 1);
+        sm90::fence_operands(o);
+        sm90::wgmma_fence();
+        issue_pv(pa, lst);
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(o);
+        sm90::mbar_arrive(empty_v(lst));
+      }
+    } else {
+      for (int it = 0; it < ntiles; ++it) {
+        const int st = it % S;
+        const uint32_t ph = (it / S) & 1;
+        sm90::mbar_wait(full_k(st), ph);
+        sm90::wgmma_fence();
+        issue_qk(s, st);
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(s);
+        sm90::mbar_arrive(empty_k(st));
+        softmax(s, it, corr, rs);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + rs[h];
+        rescale_o(corr);
+        pack(s, pa);
+        sm90::mbar_wait(full_v(st), ph);
+        sm90::fence_operands(o);
+        sm90::wgmma_fence();
+        issue_pv(pa, st);
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(o);
+        sm90::mbar_arrive(empty_v(st));
+      }
     }
 
     // epilogue: normalise, write O and LSE straight from the registers
@@ -630,11 +697,17 @@ cudaError_t prefill_attention_sm90(const AttentionArgs& a, int head_dim, long lo
     kernel<<<static_cast<unsigned>(gx), kPrefillThreads, smem, stream>>>(a, maps);
     return cudaGetLastError();
   };
-  if (head_dim == 64) return go(prefill_sm90_kernel<T, 64>, PrefillConfig<64>::kSmemBytes, PrefillConfig<64>::kBlockK);
+  const char* env = getenv("KVFUSE_PREFILL_SERIAL");  // A/B experiment, temporary
+  const bool serial = env != nullptr && env[0] == '1';
+  if (head_dim == 64)
+    return go(serial ? prefill_sm90_kernel<T, 64, false> : prefill_sm90_kernel<T, 64, true>,
+              PrefillConfig<64>::kSmemBytes, PrefillConfig<64>::kBlockK);
   if (head_dim == 128)
-    return go(prefill_sm90_kernel<T, 128>, PrefillConfig<128>::kSmemBytes, PrefillConfig<128>::kBlockK);
+    return go(serial ? prefill_sm90_kernel<T, 128, false> : prefill_sm90_kernel<T, 128, true>,
+              PrefillConfig<128>::kSmemBytes, PrefillConfig<128>::kBlockK);
   if (head_dim == 256)
-    return go(prefill_sm90_kernel<T, 256>, PrefillConfig<256>::kSmemBytes, PrefillConfig<256>::kBlockK);
+    return go(serial ? prefill_sm90_kernel<T, 256, false> : prefill_sm90_kernel<T, 256, true>,
+              PrefillConfig<256>::kSmemBytes, PrefillConfig<256>::kBlockK);
   return cudaErrorInvalidValue;
 }
 
