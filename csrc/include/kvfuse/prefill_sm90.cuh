@@ -52,11 +52,11 @@ namespace kvfuse {
 constexpr int kPrefillThreads = 384;
 constexpr int kPrefillRows = 128;  // rows of a block: two consumer warpgroups of 64
 
-template <int D>
+template <int D, int Stages = D == 64 ? 3 : 2>
 struct PrefillConfig {
   static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
   static constexpr int kBlockK = D <= 128 ? 128 : 64;  // keys per tile (= the plan's block_k)
-  static constexpr int kStages = D == 64 ? 3 : 2;
+  static constexpr int kStages = Stages;
   static constexpr int kRowChunks = D / 8;                     // 16-byte chunks of a row
   static constexpr int kQBytes = kPrefillRows * D * 2;         // both consumers' Q
   static constexpr int kTileBytes = kBlockK * D * 2;           // K (or V) of one stage
@@ -190,11 +190,11 @@ struct PrefillMaps {
   int box_rows;  // min(page_size, block_k): rows of one box
 };
 
-template <typename T, int D, bool kOverlap>
+template <typename T, int D, bool kOverlap, int kStagesT, bool kSpread>
 __global__ void __launch_bounds__(kPrefillThreads, 1)
 prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = PrefillConfig<D>;
+  using Cfg = PrefillConfig<D, kStagesT>;
   constexpr int BK = Cfg::kBlockK;
   constexpr int S = Cfg::kStages;
   constexpr int RC = Cfg::kRowChunks;
@@ -258,7 +258,10 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
     const bool ps_pow2 = (ps & (ps - 1)) == 0;
     const int ps_shift = __ffs(ps) - 1;
     const int lane = tid & 31;
-    const int rows = maps.box_rows;  // TMA: lane j < BK / rows loads page j of a tile
+    const int rows = maps.box_rows;
+    // TMA: this thread loads box row pj * rows of a tile if that is < BK (lane j of warp 0: page j, or
+    // spread over the four warps: page warp + 4 * lane)
+    const int pj = kSpread ? (tid >> 5) + 4 * lane : (tid < 32 ? lane : BK);
     int nxt_k0 = ntiles > 0 ? a.kt_index[t_beg] * BK : 0;
     for (int it = 0; it < ntiles; ++it) {
       const int st = it % S;
@@ -268,8 +271,8 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
       const bool whole = maps.use && kend - k0 == BK;
       // the tile's page rows are read before the wait, so their latency hides behind the consumers
       int row = 0;
-      if (whole && tid < 32 && lane * rows < BK) {
-        const int key = k0 + lane * rows;
+      if (whole && pj * rows < BK) {
+        const int key = k0 + pj * rows;
         row = ps_pow2 ? (bt[key >> ps_shift] << ps_shift) + (key & (ps - 1)) : bt[key / ps] * ps + key % ps;
       }
       const uint32_t free_ph = ((it / S) & 1) ^ 1;
@@ -282,15 +285,13 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
         for (int m = 0; m < 2; ++m) {
           const uint32_t full = m == 0 ? full_k(st) : full_v(st);
           sm90::mbar_wait(m == 0 ? empty_k(st) : empty_v(st), free_ph);
-          if (tid < 32) {
-            if (lane == 0) sm90::mbar_arrive_expect_tx(full, Cfg::kTileBytes);
-            __syncwarp();
-            if (lane * rows < BK) {
+          // thread 0's arrival carries the bytes to expect; the phase cannot complete before it
+          if (tid == 0) sm90::mbar_arrive_expect_tx(full, Cfg::kTileBytes);
+          if (pj * rows < BK) {
 #pragma unroll
-              for (int cb = 0; cb < D / 64; ++cb)
-                sm90::tma_load_3d(ks + m * Cfg::kTileBytes + cb * BK * 128 + lane * rows * 128,
-                                  m == 0 ? &maps.k : &maps.v, cb * 64, kvh, row, full);
-            }
+            for (int cb = 0; cb < D / 64; ++cb)
+              sm90::tma_load_3d(ks + m * Cfg::kTileBytes + cb * BK * 128 + pj * rows * 128,
+                                m == 0 ? &maps.k : &maps.v, cb * 64, kvh, row, full);
           }
           if (tid != 0) sm90::mbar_arrive(full);
         }
@@ -697,17 +698,23 @@ cudaError_t prefill_attention_sm90(const AttentionArgs& a, int head_dim, long lo
     kernel<<<static_cast<unsigned>(gx), kPrefillThreads, smem, stream>>>(a, maps);
     return cudaGetLastError();
   };
-  const char* env = getenv("KVFUSE_PREFILL_SERIAL");  // A/B experiment, temporary
-  const bool serial = env != nullptr && env[0] == '1';
+  const char* env = getenv("KVFUSE_PREFILL_V");  // A/B experiment, temporary
+  const int v = env != nullptr ? env[0] - '0' : 1;
   if (head_dim == 64)
-    return go(serial ? prefill_sm90_kernel<T, 64, false> : prefill_sm90_kernel<T, 64, true>,
-              PrefillConfig<64>::kSmemBytes, PrefillConfig<64>::kBlockK);
-  if (head_dim == 128)
-    return go(serial ? prefill_sm90_kernel<T, 128, false> : prefill_sm90_kernel<T, 128, true>,
-              PrefillConfig<128>::kSmemBytes, PrefillConfig<128>::kBlockK);
+    return v == 0 ? go(prefill_sm90_kernel<T, 64, false, 3, false>, PrefillConfig<64, 3>::kSmemBytes, 128)
+                  : go(prefill_sm90_kernel<T, 64, true, 3, false>, PrefillConfig<64, 3>::kSmemBytes, 128);
+  if (head_dim == 128) {
+    switch (v) {
+      case 0: return go(prefill_sm90_kernel<T, 128, false, 2, false>, PrefillConfig<128, 2>::kSmemBytes, 128);
+      case 2: return go(prefill_sm90_kernel<T, 128, true, 3, false>, PrefillConfig<128, 3>::kSmemBytes, 128);
+      case 3: return go(prefill_sm90_kernel<T, 128, true, 2, true>, PrefillConfig<128, 2>::kSmemBytes, 128);
+      case 4: return go(prefill_sm90_kernel<T, 128, true, 3, true>, PrefillConfig<128, 3>::kSmemBytes, 128);
+      default: return go(prefill_sm90_kernel<T, 128, true, 2, false>, PrefillConfig<128, 2>::kSmemBytes, 128);
+    }
+  }
   if (head_dim == 256)
-    return go(serial ? prefill_sm90_kernel<T, 256, false> : prefill_sm90_kernel<T, 256, true>,
-              PrefillConfig<256>::kSmemBytes, PrefillConfig<256>::kBlockK);
+    return v == 0 ? go(prefill_sm90_kernel<T, 256, false, 2, false>, PrefillConfig<256, 2>::kSmemBytes, 64)
+                  : go(prefill_sm90_kernel<T, 256, true, 2, false>, PrefillConfig<256, 2>::kSmemBytes, 64);
   return cudaErrorInvalidValue;
 }
 
