@@ -12,19 +12,24 @@
 //   G + head (G = Hq / Hkv), so one K/V tile serves the whole GQA group.
 //   warpgroup 0, the producer, fills a ring of kStages (K, V) stages with the work item's key tiles
 //     (kt_index, block_k = kBlockK keys). A tile inside the sequence, when pages hold a multiple of 8
-//     rows and nest with the tile, arrives by TMA: lane j of warp 0 looks its page up (before the stage
-//     is free, the next tile's index a tile ahead) and issues one box per 64-column block of K and of
-//     V, the bytes counted on the stage's "full" mbarriers. Other tiles (other page sizes, the
-//     sequence's last partial tile) are gathered row by row with 16-byte cp.async by all 128 threads,
-//     zero-filled past the sequence's end; each thread waits for its copies, fences to the async proxy
-//     and arrives. Every producer thread waits on the stage's "empty" mbarrier before touching it and
-//     arrives on "full" for every tile, so none runs a phase ahead. It keeps 40 registers (setmaxnreg).
+//     rows and nest with the tile, arrives by TMA: the thread of page j of the tile (lane j of warp 0,
+//     or at d 128 spread over the four warps: one warp alone issued too slowly at page 16) looks its
+//     page up before the stage is free (the next tile's index a tile ahead) and issues one box per
+//     64-column block, the bytes counted on the stage's "full" mbarriers; K goes as soon as its stage
+//     is free, V as soon as its own is. Other tiles (other page sizes, the sequence's last partial
+//     tile) are gathered row by row with 16-byte cp.async by all 128 threads, zero-filled past the
+//     sequence's end; each thread waits for its copies, fences to the async proxy and arrives. Every
+//     producer thread waits on the stage's "empty" mbarriers before touching it and arrives on "full"
+//     for every tile, so none runs a phase ahead. It keeps 40 registers (setmaxnreg).
 //   warpgroups 1 and 2, the consumers, own 64 rows each (232 registers each): per tile
 //     S[64, kBlockK] = Q K^T   wgmma_ss (Q and K from shared memory, K-major)
 //     online softmax in base 2 on the S registers (mask code only on partial tiles / the last tile)
 //     O[64, D] += P V           wgmma_rs (P from registers: the S accumulator layout, packed to 16
 //                               bits, is the A fragment layout; V MN-major from shared memory)
-//     then they arrive on the stage's "empty" barrier.
+//     and release K once S is in registers, V once its product is done ("empty" K / V barriers).
+//     At d 128 and 256 two tiles are in flight (kOverlap, FlashAttention-3's intra-warpgroup
+//     overlap): S(t) is issued, O rescaled for t-1, O += P(t-1) V(t-1) issued, and tile t's softmax
+//     runs while that product is on the tensor cores.
 // Shared memory: every tile is stored as D / 64 column blocks of [rows][64] 16-bit elements in the
 // 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)), the canonical layout the wgmma
 // descriptors name; each block is 1024-byte aligned.
@@ -32,11 +37,14 @@
 // Mask, LSE, soft-capping and the sliding window are the decode kernel's (attention.cuh); a query
 // that sees nothing gets output 0 and LSE -inf.
 //
-// Measured (H200, bf16, Hq 32, Hkv 8, d 128, bench/RESULTS.md section 3): 489-526 effective TFLOP/s,
-// tensor pipe active 56%. The TMA path took it from 226-237 (cp.async gathers only) to 439-461, the
-// producer's page look-ups by lane before the stage wait to 489-526. A ping-pong of the two consumers
-// (named barriers around [Q K^T, softmax, P V issue]) was slower (387-403) and is not used. Not built
-// yet: overlap of the softmax with the next tile's Q K^T inside a warpgroup, a persistent grid.
+// Measured (H200, bf16, Hq 32, Hkv 8, d 128, bench/RESULTS.md section 3), effective TFLOP/s at
+// P=4K T=4 / P=8K T=8, page 16: cp.async gathers only 226 / 237; + TMA page boxes 439 / 461; + page
+// look-ups by lane before the stage wait 489-526 (pages 16 and 128); + the overlapped loop, 3
+// stages and the spread TMA issue 531 / 563 at page 16, 524 / 559 at page 128 (the serial loop
+// 493 / 517 and 496 / 516 in the same run). The overlap alone gained only at page 128 (522 / 550):
+// at page 16 the producer's one warp then could not issue the 32 boxes of a tile in time. A
+// ping-pong of the two consumers (named barriers around [Q K^T, softmax, P V issue]) was slower
+// (387-403) and is not used. Not built yet: a persistent grid, 2-CTA clusters with TMA multicast.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the encode function is fetched from the driver at run time)
@@ -52,11 +60,16 @@ namespace kvfuse {
 constexpr int kPrefillThreads = 384;
 constexpr int kPrefillRows = 128;  // rows of a block: two consumer warpgroups of 64
 
-template <int D, int Stages = D == 64 ? 3 : 2>
+template <int D>
 struct PrefillConfig {
   static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
   static constexpr int kBlockK = D <= 128 ? 128 : 64;  // keys per tile (= the plan's block_k)
-  static constexpr int kStages = Stages;
+  // Measured on the H200 (bf16, Hq 32, Hkv 8; bench/RESULTS.md section 3): the overlapped consumer
+  // loop and the TMA issue spread over four warps gain 6-9% at d 128 (3 stages); at d 64 the
+  // serial loop is 4% faster, at d 256 the two are even.
+  static constexpr bool kOverlap = D != 64;   // two tiles in flight per consumer warpgroup
+  static constexpr bool kSpread = D == 128;   // TMA boxes issued by all four producer warps
+  static constexpr int kStages = D == 256 ? 2 : 3;
   static constexpr int kRowChunks = D / 8;                     // 16-byte chunks of a row
   static constexpr int kQBytes = kPrefillRows * D * 2;         // both consumers' Q
   static constexpr int kTileBytes = kBlockK * D * 2;           // K (or V) of one stage
@@ -190,11 +203,12 @@ struct PrefillMaps {
   int box_rows;  // min(page_size, block_k): rows of one box
 };
 
-template <typename T, int D, bool kOverlap, int kStagesT, bool kSpread>
+template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads, 1)
 prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = PrefillConfig<D, kStagesT>;
+  using Cfg = PrefillConfig<D>;
+  constexpr bool kOverlap = Cfg::kOverlap, kSpread = Cfg::kSpread;
   constexpr int BK = Cfg::kBlockK;
   constexpr int S = Cfg::kStages;
   constexpr int RC = Cfg::kRowChunks;
@@ -698,23 +712,11 @@ cudaError_t prefill_attention_sm90(const AttentionArgs& a, int head_dim, long lo
     kernel<<<static_cast<unsigned>(gx), kPrefillThreads, smem, stream>>>(a, maps);
     return cudaGetLastError();
   };
-  const char* env = getenv("KVFUSE_PREFILL_V");  // A/B experiment, temporary
-  const int v = env != nullptr ? env[0] - '0' : 1;
-  if (head_dim == 64)
-    return v == 0 ? go(prefill_sm90_kernel<T, 64, false, 3, false>, PrefillConfig<64, 3>::kSmemBytes, 128)
-                  : go(prefill_sm90_kernel<T, 64, true, 3, false>, PrefillConfig<64, 3>::kSmemBytes, 128);
-  if (head_dim == 128) {
-    switch (v) {
-      case 0: return go(prefill_sm90_kernel<T, 128, false, 2, false>, PrefillConfig<128, 2>::kSmemBytes, 128);
-      case 2: return go(prefill_sm90_kernel<T, 128, true, 3, false>, PrefillConfig<128, 3>::kSmemBytes, 128);
-      case 3: return go(prefill_sm90_kernel<T, 128, true, 2, true>, PrefillConfig<128, 2>::kSmemBytes, 128);
-      case 4: return go(prefill_sm90_kernel<T, 128, true, 3, true>, PrefillConfig<128, 3>::kSmemBytes, 128);
-      default: return go(prefill_sm90_kernel<T, 128, true, 2, false>, PrefillConfig<128, 2>::kSmemBytes, 128);
-    }
-  }
+  if (head_dim == 64) return go(prefill_sm90_kernel<T, 64>, PrefillConfig<64>::kSmemBytes, PrefillConfig<64>::kBlockK);
+  if (head_dim == 128)
+    return go(prefill_sm90_kernel<T, 128>, PrefillConfig<128>::kSmemBytes, PrefillConfig<128>::kBlockK);
   if (head_dim == 256)
-    return v == 0 ? go(prefill_sm90_kernel<T, 256, false, 2, false>, PrefillConfig<256, 2>::kSmemBytes, 64)
-                  : go(prefill_sm90_kernel<T, 256, true, 2, false>, PrefillConfig<256, 2>::kSmemBytes, 64);
+    return go(prefill_sm90_kernel<T, 256>, PrefillConfig<256>::kSmemBytes, PrefillConfig<256>::kBlockK);
   return cudaErrorInvalidValue;
 }
 
