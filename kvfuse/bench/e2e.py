@@ -125,14 +125,17 @@ def make_state(ctx: Ctx, model, cfg, P: int, T: int, L: int, page: int, seed: in
     positions = torch.cat([torch.arange(P)] + [torch.arange(P, P + L)] * T).to(dev)
     checked = sorted({0, n_layers // 2, n_layers - 1})
     dst = pool.alloc(pool.num_free)  # spare pages: used only where a segment cannot keep its pages
-    return dict(k=pool.k_cache, v=pool.v_cache, seqs=seqs, dst=dst, P=P, T=T, L=L, n=P + T * L,
+    # the page lists on the host, as a serving engine keeps them: compose then reads nothing back
+    return dict(k=pool.k_cache, v=pool.v_cache, seqs=seqs, host_seqs=[p.cpu() for p in seqs], dst=dst.cpu(),
+                P=P, T=T, L=L, n=P + T * L,
                 ids=torch.cat(ids)[None], positions=positions[None], mask=add[None, None],
                 model=model, checked=checked)
 
 
 def _segments(st, give_up):
-    segs = [kvfuse.SourceSegment(st["seqs"][0], st["P"], position=0)]
-    return segs + [kvfuse.SourceSegment(p, st["L"], position=st["P"], give_up=give_up) for p in st["seqs"][1:]]
+    segs = [kvfuse.SourceSegment(st["host_seqs"][0], st["P"], position=0)]
+    return segs + [kvfuse.SourceSegment(p, st["L"], position=st["P"], give_up=give_up)
+                   for p in st["host_seqs"][1:]]
 
 
 def _composed(st, composed):
