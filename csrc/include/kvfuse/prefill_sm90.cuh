@@ -292,9 +292,9 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
       const uint32_t free_ph = ((it / S) & 1) ^ 1;
       const uint32_t ks = kv_smem + st * Cfg::kStageBytes;
       if (whole) {
-        // a whole tile: warp 0 issues a box per (page, 64-column block), lane j page j, for K once its
-        // stage is free, then for V once that one is; thread 0 arrives with the bytes to expect,
-        // everyone else plainly (all 128 arrive on every tile, so no thread runs a phase ahead)
+        // a whole tile: the thread of page pj issues a box per 64-column block, for K once its stage
+        // is free, then for V once that one is (all 128 threads arrive on every tile, so no thread
+        // runs a phase ahead)
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
           const uint32_t full = m == 0 ? full_k(st) : full_v(st);
