@@ -487,7 +487,8 @@ def _tables(segments, new_pos, items, page_size: int, table, cfgs, device):
     rotated by 0): the int64 source slots of their tokens, their destination slots in ``table`` (an
     int64 host tensor; None when rotating in place), and per config ``(table rows, cos, sin)`` (int32
     ``[n]``; float32 ``[U, rotary_dim // 2]``, one row per distinct segment delta). All are built in one
-    int64 host buffer (pinned for a CUDA device) that goes to ``device`` in one transfer.
+    host buffer (pinned for a CUDA device, each table 16-byte aligned) that goes to ``device`` in one
+    transfer.
 
     When the segments are runs of whole pages (the last may end in a partial page) and nothing is
     copied, the slots and rows are written page by page in two broadcast passes, whatever the
@@ -502,18 +503,24 @@ def _tables(segments, new_pos, items, page_size: int, table, cfgs, device):
     grid = table is None and all(type(s.pages) is range and s.start % page_size == 0 for s in segs) and all(
         s.length % page_size == 0 for s in segs[:-1])
     m = -(-n // page_size) * page_size if grid else n  # slots and rows of whole pages
-    sizes = [(1 if table is None else 2) * m] + [(m + 1) // 2] * len(kinds) + [
-        len(rows) * (c.rotary_dim // 2) for c, rows in specs]
+    # the tables: (elements, dtype, shape); src and dst slots, the idx of each kind, cos and sin per config
+    tabs = [(m, torch.int64, None)] + [(n, torch.int64, None)] * (table is not None) + [(m, torch.int32, None)] * len(
+        kinds) + [(len(rows) * (c.rotary_dim // 2), torch.float32, (len(rows), c.rotary_dim // 2))
+                  for c, rows in specs for _ in "cs"]
+    sizes = [-(-count * dt.itemsize // 16) * 2 for count, dt, _ in tabs]  # in int64 units, 16-byte multiples
     buf = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
 
     def views(base):
-        parts = base.split(sizes)
-        idx = [p.view(torch.int32) if m % 2 == 0 else p.view(torch.int32)[:m] for p in parts[1: 1 + len(kinds)]]
-        cs = [p.view(torch.float32).view(2, len(rows), c.rotary_dim // 2).unbind(0)
-              for p, (c, rows) in zip(parts[1 + len(kinds):], specs)]
-        return parts[0], idx, cs
+        out = []
+        for part, (count, dt, shape) in zip(base.split(sizes), tabs):
+            t = part if dt is torch.int64 else part.view(dt)
+            t = t if t.numel() == count else t[:count]
+            out.append(t if shape is None else t.view(shape))
+        return out
 
-    slots, idx, cs = views(buf)
+    tabs_h = views(buf)
+    slots, dst = tabs_h[0], (tabs_h[1] if table is not None else None)
+    idx = tabs_h[1 + (table is not None): 1 + (table is not None) + len(kinds)]
     spread = len(uniq) > 1 and True in kinds  # table rows that differ between segments
     row = {d: r for r, d in enumerate(uniq)}
     if grid:  # per page: its first slot, then (rows that differ) its table row
@@ -534,7 +541,7 @@ def _tables(segments, new_pos, items, page_size: int, table, cfgs, device):
         for (_, off), s in zip(items, segs):
             _slots_into(slots[at: at + s.length], s.pages, s.start, s.length, page_size)
             if table is not None:
-                _slots_into(slots[m + at: m + at + s.length], table, off, s.length, page_size)
+                _slots_into(dst[at: at + s.length], table, off, s.length, page_size)
             at += s.length
         if spread:
             at = 0
@@ -544,16 +551,18 @@ def _tables(segments, new_pos, items, page_size: int, table, cfgs, device):
     for k, t in zip(kinds, idx):
         if not (k and spread):
             t.zero_()
-    for (c, rows), (cos, sin) in zip(specs, cs):
-        tables_into(c, rows, cos, sin)
+    cs = tabs_h[len(tabs) - 2 * len(specs):]
+    for i, (c, rows) in enumerate(specs):
+        tables_into(c, rows, cs[2 * i], cs[2 * i + 1])
     if device.type != "cpu":
-        slots, idx, cs = views(buf.to(device, non_blocking=device.type == "cuda"))
+        tabs_d = views(buf.to(device, non_blocking=device.type == "cuda"))
+        slots, dst = tabs_d[0], (tabs_d[1] if table is not None else None)
+        idx = tabs_d[1 + (table is not None): 1 + (table is not None) + len(kinds)]
+        cs = tabs_d[len(tabs) - 2 * len(specs):]
     if m != n:
-        idx = [t[:n] for t in idx]
-    meta = {c: (idx[kinds.index(c is not None)], *t) for c, t in zip(confs, cs)}
-    if table is not None:
-        return slots[:n], slots[n:], [meta[c] for c in cfgs]
-    return (slots if m == n else slots[:n]), None, [meta[c] for c in cfgs]
+        slots, idx = slots[:n], [t[:n] for t in idx]
+    meta = {c: (idx[kinds.index(c is not None)], cs[2 * i], cs[2 * i + 1]) for i, c in enumerate(confs)}
+    return slots, dst, [meta[c] for c in cfgs]
 
 
 def _write(work, segments, lay: _Layout, table, new_pos, page_size: int, device) -> None:

@@ -43,7 +43,7 @@ from collections.abc import Sequence as _Seq
 import torch
 
 from kvfuse._checks import check_instance, check_int
-from kvfuse.compose import SourceSegment, _compose, pages_needed
+from kvfuse.compose import SourceSegment, _compose, _plan_layout
 from kvfuse.paged import host_ints
 from kvfuse.rope import ModelRope
 from kvfuse.store import PagedKVStore, PagedSequence, SegmentInfo
@@ -265,7 +265,7 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
 
     if not sources:  # nothing stored at all
         return PagedSequence(store, [], out_segs)
-    dst = store._alloc_ids(pages_needed(sources, ps, positions=new_pos))
+    dst = store._alloc_ids(_plan_layout(sources, ps, new_pos).n_new)  # pages_needed: positions are ints
     try:
         composed, lay = _compose(store.k_cache, store.v_cache, sources, rope, "sequential", new_pos,
                                  host_ints(dst, torch.int32) if dst else None, backend,

@@ -153,6 +153,9 @@ def test_slot_and_rotation_tables(seed):
         assert gi.dtype == torch.int32 and torch.equal(gi, wi)
         assert gc.dtype == torch.float32 and torch.equal(gc, wc) and torch.equal(gs, ws)
         assert gi.is_contiguous() and gc.is_contiguous() and gs.is_contiguous()
+    base = got[0].untyped_storage().data_ptr()  # one buffer, every table 16-byte aligned in it
+    for t in [got[0], *([got[1]] if table is not None else []), *(t for m in got[2] for t in m)]:
+        assert t.untyped_storage().data_ptr() == base and (t.data_ptr() - base) % 16 == 0
 
 
 def test_compose_takes_no_descending_range():
