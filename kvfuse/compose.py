@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -11,9 +13,9 @@ import torch
 from kvfuse import _ops
 from kvfuse._checks import check_cache, check_disjoint, check_same_pool, check_tensor, check_unique
 from kvfuse.dispatch import choose
-from kvfuse.paged import PagePool, check_pages, slots_of, to_device_async
+from kvfuse.paged import PagePool, check_pages, to_device_async
 from kvfuse.rerotate import check_movable, layer_runs
-from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig
+from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig, tables_into
 
 LAYOUTS = ("sequential", "shared")
 
@@ -64,30 +66,43 @@ class Composed:
     _pages: torch.Tensor | None = None
     _reused: torch.Tensor | None = None
     _host: tuple[torch.Tensor, torch.Tensor] | None = None  # (table, reused) on the CPU
+    _runs: tuple[range, ...] | None = None  # the table as runs (either direction), when nothing was copied
 
     def __post_init__(self):
         if self.new_pages is None:
             self.new_pages = _no_pages(self.device)
+        if self._runs is None and self.page_runs is not None:
+            self._runs = tuple(range(a, a + n) for a, n in self.page_runs)
 
     @functools.cached_property
     def pages(self) -> torch.Tensor:
-        return self._pages if self._pages is not None else _runs_tensor(self.page_runs, self.device)
+        if self._pages is not None:
+            return self._pages
+        return _runs_tensor(self._runs, self.device) if self._host is None else self._host[0].to(self.device)
 
     @functools.cached_property
     def reused_pages(self) -> torch.Tensor:
-        return self._reused if self._reused is not None else _runs_tensor(self.page_runs, self.device)
+        if self._reused is not None:
+            return self._reused
+        return _runs_tensor(self._runs, self.device) if self._host is None else self._host[1].to(self.device)
 
     @functools.cached_property
     def host_pages(self) -> torch.Tensor:
         if self._host is not None:
             return self._host[0]
-        return _runs_tensor(self.page_runs, "cpu") if self.page_runs is not None else self.pages.cpu()
+        return _runs_tensor(self._runs, "cpu") if self._runs is not None else self.pages.cpu()
 
     @functools.cached_property
     def host_reused_pages(self) -> torch.Tensor:
         if self._host is not None:
             return self._host[1]
-        return _runs_tensor(self.page_runs, "cpu") if self.page_runs is not None else self.reused_pages.cpu()
+        return _runs_tensor(self._runs, "cpu") if self._runs is not None else self.reused_pages.cpu()
+
+    def _host_table(self) -> list[int]:
+        """``host_pages`` as a list (from the runs without a tensor when there are runs)."""
+        if self._runs is not None:
+            return list(itertools.chain.from_iterable(self._runs))
+        return self.host_pages.tolist()
 
     @functools.cached_property
     def positions(self) -> torch.Tensor:
@@ -107,27 +122,32 @@ def _no_pages(device) -> torch.Tensor:
     return t
 
 
-def _runs_tensor(runs, device) -> torch.Tensor:
-    """int32 page ids of ``(first, count)`` runs, on ``device``."""
+def _runs_tensor(runs: tuple[range, ...], device) -> torch.Tensor:
+    """int32 page ids of runs (ranges), on ``device``."""
     if not runs:
         return torch.empty(0, dtype=torch.int32, device=device)
-    return torch.cat([torch.arange(a, a + n, dtype=torch.int32) for a, n in runs]).to(device)
+    return torch.cat([torch.arange(r.start, r.stop, r.step, dtype=torch.int32) for r in runs]).to(device)
 
 
 def _as_tensor(pages) -> torch.Tensor:
     """A segment's page list as a host int64 tensor (a run materialised)."""
     if isinstance(pages, range):
-        return torch.arange(pages.start, pages.stop, dtype=torch.int64)
+        return torch.arange(pages.start, pages.stop, pages.step, dtype=torch.int64)
     return pages
 
 
+def _span(run: range) -> tuple[int, int]:
+    """(lowest, highest) page of a non-empty run of either direction."""
+    return (run[0], run[-1]) if run.step > 0 else (run[-1], run[0])
+
+
 def _disjoint_runs(runs) -> bool:
-    """Whether ``(first, count)`` runs share no page (sorted once: O(runs log runs))."""
+    """Whether runs (ranges) share no page (sorted once: O(runs log runs))."""
     last = -1
-    for a, n in sorted(r for r in runs if r[1]):
-        if a <= last:
+    for lo, hi in sorted(_span(r) for r in runs if r):
+        if lo <= last:
             return False
-        last = a + n - 1
+        last = hi
     return True
 
 
@@ -191,9 +211,9 @@ def _plan_layout(segments, page_size, new_positions) -> _Layout:
 
 def _page_table(segments, lay: _Layout, dst: torch.Tensor, num_pages: int):
     """Validate the destination pages and assemble the composed page table (int32), or with runs only
-    (nothing copied) the table as ``(first, count)`` runs."""
+    (nothing copied) the table as runs (ranges)."""
     if not lay.n_new and all(type(p) is range for _, p in lay.table):
-        runs = tuple([(p.start, len(p)) for _, p in lay.table])
+        runs = tuple([p for _, p in lay.table])
         if not _disjoint_runs(runs):
             raise ValueError("the composed page table holds duplicate page ids (two segments share a page); each "
                              "must appear once")
@@ -265,12 +285,21 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         >>> out.length, out.positions[-1].item()
         (11, 10)
     """
+    return _compose(k_cache, v_cache, segments, rope, layout, positions, dst_pages, backend)[0]
+
+
+def _compose(k_cache, v_cache, segments, rope, layout="sequential", positions=None, dst_pages=None, backend=None,
+             *, descending: bool = False, device_tables: bool = True) -> tuple[Composed, _Layout]:
+    """`compose`, and its layout. ``descending``: a ``range`` of pages may also run downwards (step -1;
+    `kvfuse.merge` passes the page lists of its sequences so). ``device_tables=False``: the page tables
+    of the result are moved to the device on first use only (the host tables are all `kvfuse.merge`
+    reads)."""
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
     check_same_pool("k_cache", k_cache, "v_cache", v_cache)
     check_disjoint("k_cache", k_cache, "v_cache", v_cache)
     runs = layer_runs(rope, k_cache, v_cache)
-    segments = _host_segments(segments, k_cache)
+    segments = _host_segments(segments, k_cache, descending)
     new_pos = _new_positions(segments, layout, positions)
     for i, (s, p) in enumerate(zip(segments, new_pos)):
         if p < 0 or p + s.length - 1 > MAX_POSITION:
@@ -286,20 +315,26 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
     for s in segments:
         ranges.append((off, off + s.length))
         off += s.length
+    device = k_cache.device
     if isinstance(table, tuple):  # runs only, nothing copied: the tables are built on first use
-        return Composed(off, ranges, new_pos, None, page_runs=table, device=k_cache.device)
+        up = all(r.step == 1 for r in table)
+        return Composed(off, ranges, new_pos, None, device=device, _runs=table,
+                        page_runs=tuple([(r.start, len(r)) for r in table]) if up else None), lay
     reused = [p for k, p in lay.table if k == "reuse"]
     reused_t = torch.cat(reused).to(torch.int32) if reused else torch.empty(0, dtype=torch.int32)
-    out = to_device_async(torch.cat([table, dst.to(torch.int32), reused_t]), k_cache.device)
+    if not device_tables:
+        new = to_device_async(dst.to(torch.int32), device) if dst.numel() else None
+        return Composed(off, ranges, new_pos, new, device=device, _host=(table, reused_t)), lay
+    out = to_device_async(torch.cat([table, dst.to(torch.int32), reused_t]), device)
     table_d, dst_d, reused_d = out.split([table.numel(), dst.numel(), reused_t.numel()])
-    return Composed(off, ranges, new_pos, dst_d, device=k_cache.device, _pages=table_d, _reused=reused_d,
-                    _host=(table, reused_t))
+    return Composed(off, ranges, new_pos, dst_d, device=device, _pages=table_d, _reused=reused_d,
+                    _host=(table, reused_t)), lay
 
 
-def _host_segments(segments, k_cache: torch.Tensor) -> list[SourceSegment]:
-    """Validate the segments and return them with host page lists (int64 tensors, or runs). The page
-    lists on the device come back in one transfer (the only device round trip; none for host page
-    lists or runs)."""
+def _host_segments(segments, k_cache: torch.Tensor, descending: bool = False) -> list[SourceSegment]:
+    """Validate the segments and return them with host page lists (int64 tensors, or runs; with
+    ``descending`` a run may have step -1). The page lists on the device come back in one transfer
+    (the only device round trip; none for host page lists or runs)."""
     segments = list(segments)
     if not segments:
         raise ValueError("segments must not be empty")
@@ -316,7 +351,8 @@ def _host_segments(segments, k_cache: torch.Tensor) -> list[SourceSegment]:
         pages = s.pages
         if type(pages) is range:
             if pages.step != 1 or (pages and not (0 <= pages.start and pages.stop <= num_pages)):
-                _check_run(f"segments[{i}].pages", pages, num_pages)
+                if not (descending and pages.step == -1 and (not pages or 0 <= pages[-1] <= pages[0] < num_pages)):
+                    _check_run(f"segments[{i}].pages", pages, num_pages)
         elif isinstance(pages, range):
             _check_run(f"segments[{i}].pages", pages, num_pages)
         else:
@@ -341,7 +377,7 @@ def _host_segments(segments, k_cache: torch.Tensor) -> list[SourceSegment]:
                              f"{len(pages)} pages of {page_size}")
         if s.position < 0 or s.position + s.length - 1 > MAX_POSITION:
             raise ValueError(f"segments[{i}].position={s.position} must keep its positions in [0, {MAX_POSITION}]")
-        out.append(s if pages is s.pages else dataclasses.replace(s, pages=pages))
+        out.append(s if pages is s.pages else SourceSegment(pages, s.length, s.start, s.position, s.give_up))
     return out
 
 
@@ -359,7 +395,8 @@ def _check_moves(segments, lay: _Layout, new_pos, rope, page_size: int) -> None:
     if lay.rotations and kept:
         rotated = [used(segments[i]) for i in lay.rotations]
         if all(type(p) is range for p in rotated + kept):  # runs: compare the intervals
-            shared = any(a and b and a.start < b.stop and b.start < a.stop for a in rotated for b in kept)
+            spans = [_span(b) for b in kept if b]
+            shared = any(lo <= b1 and b0 <= hi for lo, hi in (_span(a) for a in rotated if a) for b0, b1 in spans)
         else:
             shared = bool(torch.isin(torch.cat([_as_tensor(p) for p in rotated]),
                                      torch.cat([_as_tensor(p) for p in kept])).any())
@@ -414,55 +451,132 @@ def _allocate(segments, lay: _Layout, dst_pages, k_cache) -> tuple[torch.Tensor,
     return table, (dst if dst.numel() == lay.n_new else dst[: lay.n_new])
 
 
-def _slots_and_moves(segments, new_pos, items, page_size: int, table: torch.Tensor | None):
-    """For ``items`` = [(segment index, composed offset)]: the int64 source slots of their tokens,
-    their destination slots in ``table`` (None when rotating in place) and [(tokens, delta)]."""
-    src, dst, moves = [], [], []
-    for i, off in items:
-        s = segments[i]
-        if type(s.pages) is range:  # consecutive pages: consecutive slots (the range was validated)
-            first = s.pages.start * page_size + s.start
-            src.append(torch.arange(first, first + s.length, dtype=torch.int64))
-        else:
-            src.append(slots_of(_as_tensor(s.pages), s.start, s.length, page_size))
-        if table is not None:
-            dst.append(slots_of(table, off, s.length, page_size))
-        moves.append((s.length, new_pos[i] - s.position))
-    return torch.cat(src), (torch.cat(dst) if table is not None else None), moves
+_OFFSETS: dict = {}
+
+
+def _offsets(page_size: int) -> torch.Tensor:
+    """int64 ``[page_size]`` offsets within a page (read only)."""
+    t = _OFFSETS.get(page_size)
+    if t is None:
+        t = _OFFSETS[page_size] = torch.arange(page_size, dtype=torch.int64)
+    return t
+
+
+def _slots_into(out: torch.Tensor, pages, start: int, length: int, page_size: int) -> None:
+    """Write the int64 slots of tokens ``[start, start + length)`` of the sequence stored in ``pages``
+    (a validated run of either direction, or an int64 host tensor) into ``out`` (``[length]``)."""
+    if type(pages) is range and pages.step == 1:  # consecutive pages: consecutive slots
+        first = pages.start * page_size + start
+        torch.arange(first, first + length, out=out)
+        return
+    p0, off = divmod(start, page_size)
+    n = -(-(off + length) // page_size)  # pages touched
+    if type(pages) is range:
+        top = pages[p0] * page_size
+        base = torch.arange(top, top - n * page_size, -page_size)
+    else:
+        base = pages[p0: p0 + n] * page_size
+    if off == 0 and length == n * page_size:  # whole pages
+        torch.add(base[:, None], _offsets(page_size), out=out.view(n, page_size))
+    else:
+        out.copy_((base[:, None] + _offsets(page_size)).view(-1)[off: off + length])
+
+
+def _tables(segments, new_pos, items, page_size: int, table, cfgs, device):
+    """For ``items`` = [(segment index, composed offset)] and the configs of the layer runs (None: NoPE,
+    rotated by 0): the int64 source slots of their tokens, their destination slots in ``table`` (an
+    int64 host tensor; None when rotating in place), and per config ``(table rows, cos, sin)`` (int32
+    ``[n]``; float32 ``[U, rotary_dim // 2]``, one row per distinct segment delta). All are built in one
+    host buffer (pinned for a CUDA device, each table 16-byte aligned) that goes to ``device`` in one
+    transfer.
+
+    When the segments are runs of whole pages (the last may end in a partial page) and nothing is
+    copied, the slots and rows are written page by page in two broadcast passes, whatever the
+    number of segments."""
+    segs = [segments[i] for i, _ in items]
+    n = sum(s.length for s in segs)
+    deltas = [new_pos[i] - s.position for (i, _), s in zip(items, segs)]
+    uniq = sorted(set(deltas))
+    confs = list(dict.fromkeys(cfgs))  # one cos/sin table per distinct config
+    specs = [(c, uniq) if c is not None else (_identity(2), [0]) for c in confs]
+    kinds = [k for k in (True, False) if any((c is not None) is k for c in confs)]  # idx: rows of uniq / zeros
+    grid = table is None and all(type(s.pages) is range and s.start % page_size == 0 for s in segs) and all(
+        s.length % page_size == 0 for s in segs[:-1])
+    m = -(-n // page_size) * page_size if grid else n  # slots and rows of whole pages
+    # the tables: (elements, dtype, shape); src and dst slots, the idx of each kind, cos and sin per config
+    tabs = [(m, torch.int64, None)] + [(n, torch.int64, None)] * (table is not None) + [(m, torch.int32, None)] * len(
+        kinds) + [(len(rows) * (c.rotary_dim // 2), torch.float32, (len(rows), c.rotary_dim // 2))
+                  for c, rows in specs for _ in "cs"]
+    sizes = [-(-count * dt.itemsize // 16) * 2 for count, dt, _ in tabs]  # in int64 units, 16-byte multiples
+    buf = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
+
+    def views(base):
+        out = []
+        for part, (count, dt, shape) in zip(base.split(sizes), tabs):
+            t = part if dt is torch.int64 else part.view(dt)
+            t = t if t.numel() == count else t[:count]
+            out.append(t if shape is None else t.view(shape))
+        return out
+
+    tabs_h = views(buf)
+    slots, dst = tabs_h[0], (tabs_h[1] if table is not None else None)
+    idx = tabs_h[1 + (table is not None): 1 + (table is not None) + len(kinds)]
+    spread = len(uniq) > 1 and True in kinds  # table rows that differ between segments
+    row = {d: r for r, d in enumerate(uniq)}
+    if grid:  # per page: its first slot, then (rows that differ) its table row
+        host = array.array("q")
+        for s in segs:
+            p0 = s.start // page_size
+            run = s.pages[p0: p0 + -(-s.length // page_size)]
+            host.extend(range(run.start * page_size, run.stop * page_size, run.step * page_size))
+        if spread:
+            for s, d in zip(segs, deltas):
+                host += array.array("q", [row[d]]) * -(-s.length // page_size)
+        first, *rows = torch.frombuffer(host, dtype=torch.int64).view(1 + spread, -1, 1)
+        torch.add(first, _offsets(page_size), out=slots.view(-1, page_size))
+        if spread:
+            idx[0].view(-1, page_size).copy_(rows[0])
+    else:
+        at = 0
+        for (_, off), s in zip(items, segs):
+            _slots_into(slots[at: at + s.length], s.pages, s.start, s.length, page_size)
+            if table is not None:
+                _slots_into(dst[at: at + s.length], table, off, s.length, page_size)
+            at += s.length
+        if spread:
+            at = 0
+            for d, s in zip(deltas, segs):
+                idx[0][at: at + s.length].fill_(row[d])
+                at += s.length
+    for k, t in zip(kinds, idx):
+        if not (k and spread):
+            t.zero_()
+    cs = tabs_h[len(tabs) - 2 * len(specs):]
+    for i, (c, rows) in enumerate(specs):
+        tables_into(c, rows, cs[2 * i], cs[2 * i + 1])
+    if device.type != "cpu":
+        tabs_d = views(buf.to(device, non_blocking=device.type == "cuda"))
+        slots, dst = tabs_d[0], (tabs_d[1] if table is not None else None)
+        idx = tabs_d[1 + (table is not None): 1 + (table is not None) + len(kinds)]
+        cs = tabs_d[len(tabs) - 2 * len(specs):]
+    if m != n:
+        slots, idx = slots[:n], [t[:n] for t in idx]
+    meta = {c: (idx[kinds.index(c is not None)], cs[2 * i], cs[2 * i + 1]) for i, c in enumerate(confs)}
+    return slots, dst, [meta[c] for c in cfgs]
 
 
 def _write(work, segments, lay: _Layout, table, new_pos, page_size: int, device) -> None:
     """The copies (gather, rotate K, copy V into the destination pages), then the in-place rotations
     of given-up segments, per run of layers."""
     for copy, items in ((True, lay.copies), (False, [(i, None) for i in lay.rotations])):
-        if not items:
+        runs = [w for w in work if copy or w[0] is not None]  # a NoPE run rotates nothing in place
+        if not items or not runs:
             continue
-        src, dst, moves = _slots_and_moves(segments, new_pos, items, page_size, table if copy else None)
-        slots = to_device_async(torch.stack([src, dst]) if copy else src[None], device)
-        for cfg, kv, vv, copy_b, rot_b in work:
-            if cfg is None and not copy:
-                continue  # a NoPE run: nothing to rotate
+        pages = table.long() if copy else None
+        src, dst, meta = _tables(segments, new_pos, items, page_size, pages, [w[0] for w in runs], device)
+        for (cfg, kv, vv, copy_b, rot_b), (idx, cos, sin) in zip(runs, meta):
             c = cfg or _identity(kv.shape[-1])
-            idx, cos, sin = _to_device(*_rotation_meta(c, moves if cfg is not None else [(n, 0) for n, _ in moves]),
-                                       device)
             if copy:
-                _ops.compose_copy_op(kv, vv, slots[0], slots[1], idx, cos, sin, c.rotary_dim, c.interleaved, copy_b)
+                _ops.compose_copy_op(kv, vv, src, dst, idx, cos, sin, c.rotary_dim, c.interleaved, copy_b)
             else:
-                _ops.rerotate_op(kv, slots[0], idx, cos, sin, c.rotary_dim, c.interleaved, rot_b)
-
-
-def _to_device(idx, cos, sin, device):
-    """The per-token table rows (int32) and the cos/sin tables on ``device``, in two copies."""
-    tables = to_device_async(torch.stack([cos, sin]), device)
-    return to_device_async(idx.to(torch.int32), device), tables[0], tables[1]
-
-
-def _rotation_meta(rope: RopeConfig, moves: list[tuple[int, int]]):
-    """Per-token table rows and the cos/sin tables of the distinct deltas of ``moves`` = [(tokens,
-    delta)] (one delta per segment: the tables have one row per distinct segment delta)."""
-    deltas = sorted({d for _, d in moves})
-    row = {d: r for r, d in enumerate(deltas)}
-    cos, sin, _ = rope.rotation_tables(torch.tensor(deltas, dtype=torch.int64))  # rows in sorted order
-    idx = torch.cat([torch.full((n,), row[d], dtype=torch.int64) for n, d in moves])
-    return idx, cos, sin
-
+                _ops.rerotate_op(kv, src, idx, cos, sin, c.rotary_dim, c.interleaved, rot_b)

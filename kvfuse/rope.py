@@ -18,6 +18,7 @@ A re-rotation is a pure rotation R(delta) and never applies it again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -290,12 +291,16 @@ class ModelRope:
 
     def runs(self) -> list[tuple[int, int, RopeConfig | None]]:
         """Maximal runs ``(first_layer, end_layer, config)`` of consecutive layers rotating alike."""
+        return list(self._runs)
+
+    @functools.cached_property
+    def _runs(self) -> tuple[tuple[int, int, RopeConfig | None], ...]:
         out, start = [], 0
         for i in range(1, len(self.layers) + 1):
             if i == len(self.layers) or self.layers[i] != self.layers[start]:
                 out.append((start, i, self.layers[start]))
                 start = i
-        return out
+        return tuple(out)
 
     def check_movable(self) -> None:
         """Raise ``ValueError`` (the reason) if tokens of this model cannot be moved."""
@@ -337,6 +342,14 @@ def _inv_freq_cached(cfg: RopeConfig) -> torch.Tensor:
         t = _compute_inv_freq(cfg)
         _INV_FREQ_CACHE[cfg] = t
     return t
+
+
+def tables_into(cfg: RopeConfig, deltas: list[int], cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The cos/sin rows of `RopeConfig.rotation_tables` for ``deltas`` (distinct ints, sorted: the
+    rows it would make), written into float32 ``cos`` / ``sin`` ``[len(deltas), rotary_dim // 2]``."""
+    ang = torch.outer(torch.tensor(deltas, dtype=torch.float64), _inv_freq_cached(cfg))
+    torch.cos(ang, out=cos)
+    torch.sin(ang, out=sin)
 
 
 _INV_FREQ_ON: dict = {}

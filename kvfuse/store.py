@@ -167,14 +167,15 @@ class PagedKVStore:
                 self._free.append(i)
 
 
-    def _hand_over(self, take: list[int], release: list[PagedSequence]) -> None:
-        """One reference more on each page of ``take`` (a new sequence's pages taken over from others),
-        then ``release`` each sequence of ``release``: what `incref` and `PagedSequence.release` do, with
-        the same free-list order, but without their checks, for page lists this store already holds
-        (the live sequences' own pages): `merge` hands the threads' pages to the merged sequence."""
+    def _hand_over(self, take: list[list[int] | range], release: list[PagedSequence]) -> None:
+        """One reference more on each page of the page lists ``take`` (a new sequence's pages taken over
+        from others), then ``release`` each sequence of ``release``: what `incref` and
+        `PagedSequence.release` do, with the same free-list order, but without their checks, for page
+        lists this store already holds (the live sequences' own pages): `merge` hands the threads'
+        pages to the merged sequence."""
         rc, free = self.refcount, self._free
-        for i in take:
-            rc[i] += 1
+        for pages in take:
+            _add(rc, pages, 1)
         for seq in release:
             if seq.released:
                 continue
@@ -182,6 +183,19 @@ class PagedKVStore:
                 rc[i] -= 1
                 if rc[i] == 0:
                     free.append(i)
+            seq.released, seq.pages = True, []
+
+    def _hand_over_shared(self, shared: list[int] | range, freed: list[int], release: list[PagedSequence]) -> None:
+        """`_hand_over` (``shared`` taken, ``release`` released) when every sequence of ``release`` holds
+        the pages ``shared`` and otherwise only pages of its own that nobody else holds, each taken over
+        too or listed in ``freed`` (then free again, in that order): the same counts and free-list order,
+        with a pass over ``shared`` only."""
+        rc = self.refcount
+        _add(rc, shared, 1 - len(release))
+        for i in freed:
+            rc[i] = 0
+        self._free += freed
+        for seq in release:
             seq.released, seq.pages = True, []
 
     def _held(self, what: str, pages) -> list[int]:
@@ -230,6 +244,17 @@ class PagedKVStore:
             kv, vv = slot_view(self.k_cache[layer])[0], slot_view(self.v_cache[layer])[0]
         kv[..., slots, :, :] = k.to(self.k_cache.dtype)
         vv[..., slots, :, :] = v.to(self.v_cache.dtype)
+
+
+def _add(rc: list[int], pages: list[int] | range, d: int) -> None:
+    """``rc[i] += d`` for each page ``i`` (listed once each; a run of consecutive pages as one slice)."""
+    if not d:
+        return
+    if type(pages) is range and pages.step == 1:
+        rc[pages.start: pages.stop] = [c + d for c in rc[pages.start: pages.stop]]
+    else:
+        for i in pages:
+            rc[i] += d
 
 
 def _segment(s: SegmentInfo, parents: tuple[str, ...] | None = None, length: int | None = None) -> Segment:

@@ -38,13 +38,13 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence as _Seq
 
 import torch
 
 from kvfuse._checks import check_instance, check_int
-from kvfuse.compose import SourceSegment, compose, pages_needed
+from kvfuse.compose import SourceSegment, _compose, _plan_layout
+from kvfuse.paged import host_ints
 from kvfuse.rope import ModelRope
 from kvfuse.store import PagedKVStore, PagedSequence, SegmentInfo
 
@@ -92,7 +92,7 @@ def fork(prefix: PagedSequence, n: int, *, name: str = "thread") -> list[PagedSe
 def _alike(a: SegmentInfo, b: SegmentInfo) -> bool:
     """Same segment; two pads of one length count as alike (storage filler that no token sees: the
     pads two `fork` calls of one prefix add are the same slots of the prefix's last page)."""
-    return a == b or (a.pad and b.pad and a.length == b.length)
+    return a is b or a == b or (a.pad and b.pad and a.length == b.length)
 
 
 def _common_prefix(threads: _Seq[PagedSequence], what: str) -> tuple[int, int]:
@@ -120,7 +120,8 @@ def _common_prefix(threads: _Seq[PagedSequence], what: str) -> tuple[int, int]:
     if n % ps:
         raise ValueError(f"{what}: the threads' common prefix ({n} tokens) does not end on a page boundary "
                          f"(make them with kvfuse.fork)")
-    if any(t.pages[: n // ps] != first.pages[: n // ps] for t in threads):
+    head = first.pages[: n // ps]
+    if any(t.pages[: n // ps] != head for t in threads[1:]):
         raise ValueError(f"{what}: the threads do not share their common prefix's pages (make them with kvfuse.fork)")
     return k, n
 
@@ -160,12 +161,17 @@ def _span(segs: _Seq[SegmentInfo]) -> tuple[int, int]:
 
 
 def _page_arg(pages: list[int]):
-    """A page list for `SourceSegment`: a ``range`` when the pages are consecutive (then compose checks
-    and joins them in O(1)), else an int32 host tensor."""
+    """A page list for `SourceSegment`: a ``range`` when the pages are consecutive, upwards or downwards
+    (then compose checks and joins them in O(1); a released run of pages is handed out again in the
+    opposite order), else an int32 host tensor."""
     n = len(pages)
-    if n and pages[-1] - pages[0] == n - 1 and pages == list(range(pages[0], pages[0] + n)):
-        return range(pages[0], pages[0] + n)
-    return torch.tensor(pages, dtype=torch.int32)
+    if n:
+        a = pages[0]
+        if pages[-1] - a == n - 1 and pages == list(range(a, a + n)):
+            return range(a, a + n)
+        if a - pages[-1] == n - 1 and pages == list(range(a, a - n, -1)):
+            return range(a, a - n, -1)
+    return host_ints(pages, torch.int32)
 
 
 def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_threads: bool = False,
@@ -214,11 +220,14 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
     k, n_pre = _common_prefix(threads, "merge")
     prefix_segs = threads[0].segments[:k]
 
+    rc = store.refcount
     sources, new_pos, out_segs = [], [], list(prefix_segs)
+    own = []  # (index of the source, pages past the prefix) of each thread that stores tokens
+    simple = not keep_threads  # so far every thread's own pages are held by it alone and are its source's
+    shared = _page_arg(threads[0].pages[: n_pre // ps]) if n_pre else []
     if n_pre:
         first_pos = next((s.position for s in prefix_segs if not s.pad), 0)
-        sources.append(SourceSegment(_page_arg(threads[0].pages[: -(-n_pre // ps)]), n_pre, 0, first_pos,
-                                     give_up=False))
+        sources.append(SourceSegment(shared, n_pre, 0, first_pos, give_up=False))
         new_pos.append(first_pos)
     cursor = None
     # the join sees everything: the last real segment of the prefix and of each thread already sees all
@@ -234,16 +243,20 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
         cursor = target + span
         delta = target - lo
         join_parents += _last_real(rest)
-        out_segs += [s if s.pad else dataclasses.replace(s, position=s.position + delta) for s in rest]
+        out_segs += [s if s.pad or not delta else SegmentInfo(s.name, s.length, s.parents, s.position + delta)
+                     for s in rest]
         stored = n if i == len(threads) - 1 else -(-n // ps) * ps
         if stored > n:
             out_segs.append(SegmentInfo(store.unique_name("pad"), stored - n, (), 0, pad=True))
-        if stored == 0:
-            continue
         own_pages = t.pages[n_pre // ps:]
-        sole = all(store.refcount[p] == 1 for p in own_pages)
-        give_up = delta == 0 or (not keep_threads and sole)
-        sources.append(SourceSegment(_page_arg(t.pages[n_pre // ps:]), stored, n_pre % ps, lo, give_up=give_up))
+        sole = not keep_threads and set(map(rc.__getitem__, own_pages)) <= {1}
+        if stored == 0:
+            simple = simple and not own_pages
+            continue
+        give_up = delta == 0 or sole
+        simple = simple and sole and len(own_pages) == -(-stored // ps)
+        own.append((len(sources), own_pages))
+        sources.append(SourceSegment(_page_arg(own_pages), stored, n_pre % ps, lo, give_up=give_up))
         new_pos.append(target)
     last_pos = max([s.position + s.length for s in out_segs if not s.pad] or [0])
     if any(p != s.position for s, p in zip(sources, new_pos)):
@@ -252,17 +265,26 @@ def merge(threads: _Seq[PagedSequence], layout: str = "sequential", *, keep_thre
 
     if not sources:  # nothing stored at all
         return PagedSequence(store, [], out_segs)
-    dst = store._alloc_ids(pages_needed(sources, ps, positions=new_pos))
+    dst = store._alloc_ids(_plan_layout(sources, ps, new_pos).n_new)  # pages_needed: positions are ints
     try:
-        composed = compose(store.k_cache, store.v_cache, sources, rope, positions=new_pos,
-                           dst_pages=torch.tensor(dst, dtype=torch.int32), backend=backend)
+        composed, lay = _compose(store.k_cache, store.v_cache, sources, rope, "sequential", new_pos,
+                                 host_ints(dst, torch.int32) if dst else None, backend,
+                                 descending=True, device_tables=False)
     except Exception:
         store._unalloc(dst)
         raise
-    # the host copies of the tables: no wait for the copies and rotations just queued on the device;
-    # the reused pages are the live threads' own (checked above), so the references change unchecked
-    merged = PagedSequence(store, composed.host_pages.tolist(), out_segs)
-    store._hand_over(composed.host_reused_pages.tolist(), [] if keep_threads else threads)
+    # the host tables: no wait for the copies and rotations just queued on the device; the reused
+    # pages are the live threads' own (checked above), so the references change unchecked
+    merged = PagedSequence(store, composed._host_table(), out_segs)
+    copied = {i for i, _ in lay.copies}
+    if not simple or (n_pre and 0 in copied):
+        take = [p if type(p) is range else p.tolist() for kind, p in lay.table if kind == "reuse"]
+        store._hand_over(take, [] if keep_threads else threads)
+        return merged
+    # every thread holds the prefix (taken over once) and pages of its own that nobody else holds,
+    # taken over whole or (copied) released: only the prefix's counts change
+    store._hand_over_shared(shared if type(shared) is range else threads[0].pages[: n_pre // ps],
+                            [p for i, pages in own if i in copied for p in pages], threads)
     return merged
 
 
