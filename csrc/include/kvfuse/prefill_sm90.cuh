@@ -13,7 +13,7 @@
 //   warpgroup 0, the producer, fills a ring of kStages (K, V) stages with the work item's key tiles
 //     (kt_index, block_k = kBlockK keys). A tile inside the sequence, when pages hold a multiple of 8
 //     rows and nest with the tile, arrives by TMA: the thread of page j of the tile (lane j of warp 0,
-//     or at d 128 spread over the four warps: one warp alone issued too slowly at page 16) looks its
+//     or at d >= 128 spread over the four warps: one warp alone issued too slowly at page 16) looks its
 //     page up before the stage is free (the next tile's index a tile ahead) and issues one box per
 //     64-column block, the bytes counted on the stage's "full" mbarriers; K goes as soon as its stage
 //     is free, V as soon as its own is. Other tiles (other page sizes, the sequence's last partial
@@ -44,7 +44,9 @@
 // 493 / 517 and 496 / 516 in the same run). The overlap alone gained only at page 128 (522 / 550):
 // at page 16 the producer's one warp then could not issue the 32 boxes of a tile in time. A
 // ping-pong of the two consumers (named barriers around [Q K^T, softmax, P V issue]) was slower
-// (387-403) and is not used. Not built yet: a persistent grid, 2-CTA clusters with TMA multicast.
+// (387-403) and is not used, and so was one box per producer thread at d 128 (524 / 523 against
+// 519 / 552). At d 256, page 16, the spread issue took 504 / 520 to 564 / 590. Not built yet: a
+// persistent grid, 2-CTA clusters with TMA multicast.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the encode function is fetched from the driver at run time)
@@ -65,10 +67,10 @@ struct PrefillConfig {
   static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
   static constexpr int kBlockK = D <= 128 ? 128 : 64;  // keys per tile (= the plan's block_k)
   // Measured on the H200 (bf16, Hq 32, Hkv 8; bench/RESULTS.md section 3): the overlapped consumer
-  // loop and the TMA issue spread over four warps gain 6-9% at d 128 (3 stages); at d 64 the
-  // serial loop is 4% faster, at d 256 the two are even.
+  // loop and the TMA issue spread over four warps gain 6-9% at d 128 (3 stages) and the spread
+  // 12-13% at d 256, page 16; at d 64 the serial loop is 4% faster, at d 256 the loops are even.
   static constexpr bool kOverlap = D != 64;   // two tiles in flight per consumer warpgroup
-  static constexpr bool kSpread = D == 128;   // TMA boxes issued by all four producer warps
+  static constexpr bool kSpread = D >= 128;   // TMA boxes issued by all four producer warps
   static constexpr int kStages = D == 256 ? 2 : 3;
   static constexpr int kRowChunks = D / 8;                     // 16-byte chunks of a row
   static constexpr int kQBytes = kPrefillRows * D * 2;         // both consumers' Q
