@@ -141,8 +141,8 @@ class Case:
     header: str = ""
     series: str = ""  # appended to each provider's label to name its plot line (e.g. " (masked)")
     # host-bound calls (page-table work that enqueues little or nothing on the device): timed with the
-    # host clock around the call and a device synchronisation, since CUDA events recorded around a call
-    # that enqueues nothing measure nothing of it
+    # host clock until the call returns, the device idle before each call, since CUDA events recorded
+    # around a call that enqueues nothing measure nothing of it
     host_timed: bool = False
 
 
