@@ -484,6 +484,16 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
       for (int kk = 0; kk < BK / 16; ++kk) sm90::wgmma_rs<T, D>(o, pa[kk], dv0 + stage + ((kk * 16 * 128) >> 4), true);
       sm90::wgmma_commit();
     };
+    auto pv_now = [&](const uint32_t (&pa)[BK / 16][4], int it) {  // O += P V of tile it, waited for
+      const int st = it % S;
+      sm90::mbar_wait(full_v(st), (it / S) & 1);
+      sm90::fence_operands(o);
+      sm90::wgmma_fence();
+      issue_pv(pa, st);
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(o);
+      sm90::mbar_arrive(empty_v(st));
+    };
 
     float s[NS], corr[2], rs[2];
     uint32_t pa[BK / 16][4];
@@ -528,15 +538,8 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
         pack(s, pa);
       }
       if (ntiles > 0) {
-        const int lst = (ntiles - 1) % S;
         rescale_o(corr);
-        sm90::mbar_wait(full_v(lst), ((ntiles - 1) / S) & 1);
-        sm90::fence_operands(o);
-        sm90::wgmma_fence();
-        issue_pv(pa, lst);
-        sm90::wgmma_wait<0>();
-        sm90::fence_operands(o);
-        sm90::mbar_arrive(empty_v(lst));
+        pv_now(pa, ntiles - 1);
       }
     } else {
       for (int it = 0; it < ntiles; ++it) {
@@ -553,13 +556,7 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
         for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + rs[h];
         rescale_o(corr);
         pack(s, pa);
-        sm90::mbar_wait(full_v(st), ph);
-        sm90::fence_operands(o);
-        sm90::wgmma_fence();
-        issue_pv(pa, st);
-        sm90::wgmma_wait<0>();
-        sm90::fence_operands(o);
-        sm90::mbar_arrive(empty_v(st));
+        pv_now(pa, it);
       }
     }
 
