@@ -84,6 +84,32 @@ struct AttentionArgs {
   float* part_lse;            // [num_splits, total_q, Hq]
 };
 
+// The block's share of the plan: block x = (work item * num_kv_heads + KV head) * num_row_blocks +
+// row block, each row block `rows` (query, head) rows of the work item's query tile. `last_first`
+// takes the work items in reverse order.
+struct WorkItem {
+  int rb, kvh, w, G;     // row block, KV head, work item, GQA group
+  int b, n, q0, qlen;    // sequence, its keys, its first query row, its query count
+  int qi0, nrows, row0;  // the tile's first query, its (query, head) rows, the block's first row
+};
+
+__device__ __forceinline__ WorkItem work_item(const AttentionArgs& a, int bx, int rows, bool last_first) {
+  WorkItem t;
+  t.rb = bx % a.num_row_blocks;
+  bx /= a.num_row_blocks;
+  t.kvh = bx % a.num_kv_heads;
+  t.w = last_first ? a.num_work - 1 - bx / a.num_kv_heads : bx / a.num_kv_heads;
+  t.G = a.num_qo_heads / a.num_kv_heads;
+  t.b = a.work_seq[t.w];
+  t.n = a.kv_lens[t.b];
+  t.q0 = a.qo_indptr[t.b];
+  t.qlen = a.qo_indptr[t.b + 1] - t.q0;
+  t.qi0 = a.work_qtile[t.w] * a.block_q;
+  t.nrows = min(a.block_q, t.qlen - t.qi0) * t.G;
+  t.row0 = t.rb * rows;
+  return t;
+}
+
 constexpr int kDecodeMaxQ = 8;  // queries per tile of a decode plan; more: a prefill plan (prefill_sm90.cuh)
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
@@ -249,21 +275,10 @@ decode_attention_kernel(const AttentionArgs a) {
   const int lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
 
-  int bx = blockIdx.x;
-  const int rb = bx % a.num_row_blocks;
-  bx /= a.num_row_blocks;
-  const int kvh = bx % a.num_kv_heads;
-  const int w = bx / a.num_kv_heads;
+  const WorkItem wi = work_item(a, blockIdx.x, kDecodeRows, false);
+  const int kvh = wi.kvh, w = wi.w, G = wi.G, b = wi.b, n = wi.n, q0 = wi.q0, qi0 = wi.qi0, nrows = wi.nrows,
+            row0 = wi.row0;
   const int split = blockIdx.y;
-  const int G = a.num_qo_heads / a.num_kv_heads;
-
-  const int b = a.work_seq[w];
-  const int n = a.kv_lens[b];
-  const int q0 = a.qo_indptr[b];
-  const int qlen = a.qo_indptr[b + 1] - q0;
-  const int qi0 = a.work_qtile[w] * a.block_q;
-  const int nrows = min(a.block_q, qlen - qi0) * G;
-  const int row0 = rb * kDecodeRows;
   if (row0 >= nrows) return;  // whole block uniform, before any barrier
 
   const uint32_t smem0 = detail::smem_addr(smem);

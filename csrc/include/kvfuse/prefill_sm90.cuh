@@ -223,20 +223,10 @@ prefill_sm90_kernel(const AttentionArgs a, const __grid_constant__ PrefillMaps m
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
 
-  int bx = blockIdx.x;
-  const int rb = bx % a.num_row_blocks;
-  bx /= a.num_row_blocks;
-  const int kvh = bx % a.num_kv_heads;
-  const int w = a.num_work - 1 - bx / a.num_kv_heads;  // last work items first: under a causal mask they see most
-  const int G = a.num_qo_heads / a.num_kv_heads;
-
-  const int b = a.work_seq[w];
-  const int n = a.kv_lens[b];
-  const int q0 = a.qo_indptr[b];
-  const int qlen = a.qo_indptr[b + 1] - q0;
-  const int qi0 = a.work_qtile[w] * a.block_q;
-  const int nrows = min(a.block_q, qlen - qi0) * G;
-  const int row0 = rb * kPrefillRows;
+  // last work items first: under a causal mask they see the most keys
+  const WorkItem wi = work_item(a, blockIdx.x, kPrefillRows, true);
+  const int kvh = wi.kvh, w = wi.w, G = wi.G, b = wi.b, n = wi.n, q0 = wi.q0, qi0 = wi.qi0, nrows = wi.nrows,
+            row0 = wi.row0;
   if (row0 >= nrows) return;  // whole block uniform, before any barrier
 
   const uint32_t base = (detail::smem_addr(smem_raw) + 1023u) & ~1023u;
