@@ -303,26 +303,17 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
 
 def _runs_only(k_cache, v_cache, segments, rope, layout, positions, dst_pages, descending=False):
     """The `Composed` of a composition that moves and copies nothing and whose segments' pages are all
-    runs (``range``): every check `_compose` makes, on ints and ranges. None for anything else, valid
-    or not: `_compose` then decides (and raises every error)."""
+    runs (``range``): every check `_compose` makes, on ints and ranges (the segments first: a
+    composition that moves is refused without the pools' checks). None for anything else, valid or
+    not: `_compose` then decides (and raises every error)."""
     if not (type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor and type(segments) in (list, tuple)
             and segments and type(layout) is str and layout in LAYOUTS and (
                 dst_pages is None or isinstance(dst_pages, (torch.Tensor, PagePool)))) or (
             torch.compiler.is_compiling()):
         return None
-    # check_cache, check_same_pool and check_disjoint: contiguous pools of one shape whose bytes do not overlap
-    shape, dtype, device = k_cache.shape, k_cache.dtype, k_cache.device
-    if not (len(shape) in (4, 5) and dtype in FLOAT_DTYPES and v_cache.shape == shape and v_cache.dtype == dtype
-            and v_cache.device == device and k_cache.is_contiguous() and v_cache.is_contiguous()):
+    shape = k_cache.shape
+    if len(shape) not in (4, 5) or (type(rope) is RopeConfig and rope.head_dim != shape[-1]):
         return None
-    a, b, nbytes = k_cache.data_ptr(), v_cache.data_ptr(), k_cache.nbytes
-    if nbytes and a < b + nbytes and b < a + nbytes:
-        return None
-    if type(rope) is RopeConfig:
-        if rope.head_dim != shape[-1]:
-            return None
-    else:
-        layer_runs(rope, k_cache, v_cache)  # raises as `_compose` would (the pools passed)
     if positions is not None and not (type(positions) in (list, tuple) and len(positions) == len(segments)):
         return None
     page_size, num_pages = shape[-3], shape[-4]
@@ -368,6 +359,16 @@ def _runs_only(k_cache, v_cache, segments, rope, layout, positions, dst_pages, d
         off += length
     if not (ordered or _disjoint_runs(runs)):
         return None
+    # check_cache, check_same_pool and check_disjoint: contiguous pools of one shape whose bytes do not overlap
+    dtype, device = k_cache.dtype, k_cache.device
+    if not (dtype in FLOAT_DTYPES and v_cache.shape == shape and v_cache.dtype == dtype and v_cache.device == device
+            and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    a, b, nbytes = k_cache.data_ptr(), v_cache.data_ptr(), k_cache.nbytes
+    if nbytes and a < b + nbytes and b < a + nbytes:
+        return None
+    if type(rope) is not RopeConfig:
+        layer_runs(rope, k_cache, v_cache)  # raises as `_compose` would (before any segment check)
     return Composed(off, ranges, starts, None, device=device, _runs=tuple(runs),
                     page_runs=tuple(spans) if len(spans) == len(runs) else None)
 

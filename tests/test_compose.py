@@ -338,7 +338,8 @@ def _random_case(g, descending):
         pools = pick(lambda k, v: (k, k), lambda k, v: (k, v.double()), lambda k, v: (k.transpose(1, 2), v),
                      lambda k, v: (k[..., 0], v[..., 0]), lambda k, v: (k.long(), v.long()),
                      lambda k, v: (k[:-1], k.view(-1)[32:].view(23, 4, 1, 8)), lambda k, v: (k[:12], k[12:]),
-                     lambda k, v: (k[None], v[None]), lambda k, v: (k, v[:-1]), lambda k, v: (k, v.to("meta")),
+                     lambda k, v: (k[None, None], v[None, None]), lambda k, v: (k, v[:-1]),
+                     lambda k, v: (k, v.to("meta")),
                      lambda k, v: (k.transpose(0, 1).contiguous().transpose(0, 1), v),
                      lambda k, v: (k, v.transpose(0, 1).contiguous().transpose(0, 1)),
                      lambda k, v: (k.view(2, 12, 4, 1, 8), v.view(2, 12, 4, 1, 8)), lambda k, v: (k.half(), v.half()))
