@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from kvfuse import _ops
-from kvfuse._checks import check_cache, check_disjoint, check_same_pool, check_tensor, check_unique
+from kvfuse._checks import FLOAT_DTYPES, check_cache, check_disjoint, check_same_pool, check_tensor, check_unique
 from kvfuse.dispatch import choose
 from kvfuse.paged import PagePool, check_pages, to_device_async
 from kvfuse.rerotate import check_movable, layer_runs
@@ -111,6 +111,7 @@ class Composed:
 
 
 _NO_PAGES = torch.empty(0, dtype=torch.int32)  # read only
+_NO_IDS = torch.empty(0, dtype=torch.int64)  # read only
 _EMPTY: dict = {}
 
 
@@ -131,8 +132,8 @@ def _runs_tensor(runs: tuple[range, ...], device) -> torch.Tensor:
 
 def _as_tensor(pages) -> torch.Tensor:
     """A segment's page list as a host int64 tensor (a run materialised)."""
-    if isinstance(pages, range):
-        return torch.arange(pages.start, pages.stop, pages.step, dtype=torch.int64)
+    if isinstance(pages, range):  # an empty run may have any bounds
+        return torch.arange(pages.start, pages.stop, pages.step, dtype=torch.int64) if pages else _NO_IDS
     return pages
 
 
@@ -142,9 +143,19 @@ def _span(run: range) -> tuple[int, int]:
 
 
 def _disjoint_runs(runs) -> bool:
-    """Whether runs (ranges) share no page (sorted once: O(runs log runs))."""
+    """Whether runs (ranges) share no page (in one pass when they come in ascending order, else sorted
+    once: O(runs log runs))."""
     last = -1
-    for lo, hi in sorted(_span(r) for r in runs if r):
+    for r in runs:
+        if r:
+            lo, hi = (r[0], r[-1]) if r.step > 0 else (r[-1], r[0])
+            if lo <= last:
+                break
+            last = hi
+    else:
+        return True
+    last = -1
+    for lo, hi in sorted([_span(r) for r in runs if r]):
         if lo <= last:
             return False
         last = hi
@@ -285,7 +296,81 @@ def compose(k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Sou
         >>> out.length, out.positions[-1].item()
         (11, 10)
     """
-    return _compose(k_cache, v_cache, segments, rope, layout, positions, dst_pages, backend)[0]
+    out = _runs_only(k_cache, v_cache, segments, rope, layout, positions, dst_pages)
+    return out if out is not None else _compose(k_cache, v_cache, segments, rope, layout, positions, dst_pages,
+                                                backend)[0]
+
+
+def _runs_only(k_cache, v_cache, segments, rope, layout, positions, dst_pages, descending=False):
+    """The `Composed` of a composition that moves and copies nothing and whose segments' pages are all
+    runs (``range``): every check `_compose` makes, on ints and ranges (the segments first: a
+    composition that moves is refused without the pools' checks). None for anything else, valid or
+    not: `_compose` then decides (and raises every error)."""
+    if not (type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor and type(segments) in (list, tuple)
+            and segments and type(layout) is str and layout in LAYOUTS and (
+                dst_pages is None or isinstance(dst_pages, (torch.Tensor, PagePool)))) or (
+            torch.compiler.is_compiling()):
+        return None
+    shape = k_cache.shape
+    if len(shape) not in (4, 5) or (type(rope) is RopeConfig and rope.head_dim != shape[-1]):
+        return None
+    if positions is not None and not (type(positions) in (list, tuple) and len(positions) == len(segments)):
+        return None
+    page_size, num_pages = shape[-3], shape[-4]
+    sequential = positions is None and layout == "sequential"
+    runs, ranges, starts, spans = [], [], [], []
+    off, cur, last, ordered = 0, None, -1, True
+    for i, s in enumerate(segments):
+        if type(s) is not SourceSegment:
+            return None
+        pages, length, start, pos = s.pages, s.length, s.start, s.position
+        if not (type(pages) is range and type(length) is int and type(start) is int and type(pos) is int):
+            return None
+        new = pos if positions is None else positions[i]
+        if sequential:
+            new = pos if cur is None else cur
+            cur = new + length
+        if type(new) is not int or new != pos:  # moves
+            return None
+        step = pages.step
+        if step == 1:
+            if pages and not (0 <= pages.start and pages.stop <= num_pages):
+                return None
+        elif not (descending and step == -1 and (not pages or (0 <= pages[-1] and pages[0] < num_pages))):
+            return None
+        if start < 0 or length < 0 or start + length > len(pages) * page_size or (
+                pos < 0 or pos + length - 1 > MAX_POSITION):
+            return None
+        if length:
+            # kept whole pages, or a given-up tail (a later segment would not start on a page boundary)
+            if start % page_size or off % page_size or not (s.give_up or length % page_size == 0):
+                return None
+            p0, n = start // page_size, -(-length // page_size)
+            run = pages if p0 == 0 and n == len(pages) else pages[p0: p0 + n]
+            runs.append(run)
+            if step == 1:  # (first page, count); whether each run so far starts after the last one
+                spans.append((run.start, n))
+                ordered = ordered and run.start > last
+                last = run.stop - 1
+            else:
+                ordered = False
+        ranges.append((off, off + length))
+        starts.append(new)
+        off += length
+    if not (ordered or _disjoint_runs(runs)):
+        return None
+    # check_cache, check_same_pool and check_disjoint: contiguous pools of one shape whose bytes do not overlap
+    dtype, device = k_cache.dtype, k_cache.device
+    if not (dtype in FLOAT_DTYPES and v_cache.shape == shape and v_cache.dtype == dtype and v_cache.device == device
+            and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    a, b, nbytes = k_cache.data_ptr(), v_cache.data_ptr(), k_cache.nbytes
+    if nbytes and a < b + nbytes and b < a + nbytes:
+        return None
+    if type(rope) is not RopeConfig:
+        layer_runs(rope, k_cache, v_cache)  # raises as `_compose` would (before any segment check)
+    return Composed(off, ranges, starts, None, device=device, _runs=tuple(runs),
+                    page_runs=tuple(spans) if len(spans) == len(runs) else None)
 
 
 def _compose(k_cache, v_cache, segments, rope, layout="sequential", positions=None, dst_pages=None, backend=None,
@@ -294,6 +379,9 @@ def _compose(k_cache, v_cache, segments, rope, layout="sequential", positions=No
     `kvfuse.merge` passes the page lists of its sequences so). ``device_tables=False``: the page tables
     of the result are moved to the device on first use only (the host tables are all `kvfuse.merge`
     reads)."""
+    out = _runs_only(k_cache, v_cache, segments, rope, layout, positions, dst_pages, descending)
+    if out is not None:
+        return out, _Layout([("reuse", r) for r in out._runs], [], [], 0)
     check_cache("k_cache", k_cache)
     check_cache("v_cache", v_cache)
     check_same_pool("k_cache", k_cache, "v_cache", v_cache)

@@ -1,6 +1,7 @@
 """compose: composed sequence against the dense oracle, zero-copy path, sources untouched, bad input."""
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -271,3 +272,135 @@ def test_page_runs_are_validated(pages, match):
     with pytest.raises(ValueError, match=match):
         kvfuse.compose(k, v, segs, kvfuse.RopeConfig(head_dim=8), layout="shared")
     assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+
+
+
+def _outcome(fn):
+    """``fn(k, v)`` on fresh pools: (result, k, v), or (error type, message)."""
+    k, v = (torch.randn(24, 4, 1, 8, generator=torch.Generator().manual_seed(i)) for i in (0, 1))
+    try:
+        return fn(k, v), k, v
+    except (TypeError, ValueError) as e:
+        return type(e), str(e)
+
+
+def _random_case(g, descending):
+    """A random composition of runs that moves and copies nothing (pages ascending, or also descending),
+    and then one random change or none: a move, a copy, a bad run, tokens that do not fit, an overlap,
+    a bad layout / positions / dst pages / pools / rope, or a valid variant."""
+    def num(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    def pick(*xs):
+        return xs[num(0, len(xs))]
+
+    segs, p, count = [], 0, num(1, 5)
+    for i in range(count):
+        n = num(0, 4)
+        run = range(p, p + n) if not descending or num(0, 2) else range(p + n - 1, p - 1, -1)
+        length = 4 * n - (num(0, 4) if n and i == count - 1 else 0)  # a given-up tail may end in a partial page
+        segs.append(SourceSegment(run, length, 0, pick(0, 0, 9), give_up=pick(True, length % 4 == 0 or num(0, 4) == 0)))
+        p += n + num(0, 2)
+    layout, positions, dst, pools, cfg = "shared", None, lambda: None, lambda k, v: (k, v), kvfuse.RopeConfig(8)
+    rope, which, i = cfg, num(0, 16), num(0, len(segs))  # which > 11: as it is
+    s = segs[i]
+
+    def seg(**kw):
+        segs[i] = dataclasses.replace(s, **kw)
+
+    if which == 0:
+        seg(length=pick(-1, s.length + 1, 4 * len(s.pages) + 1, max(0, s.length - 1), num(0, 16), True))
+    elif which == 1:
+        seg(start=pick(-1, 1, 2, 4, True, 1.0), length=max(0, s.length - pick(0, 1, 4)))
+    elif which == 2:
+        seg(position=pick(-1, 2**31 - 2, 2**31 - 1 - max(0, s.length - 1), True, 1.0, s.position + 1))
+    elif which == 3:
+        seg(give_up=not s.give_up)
+    elif which == 4:
+        a, n = s.pages.start, len(s.pages)
+        seg(pages=pick(range(a, a + 2 * n, 2), range(-1, n - 1), range(24 - n + 1, 25), range(22, 26),
+                       range(a + n - 1, a - 1, -1), range(25, 22, -1), range(n - 1, -2, -1), range(5, 3),
+                       range(max(0, a - 1), a + n - 1), torch.arange(a, a + n), list(range(a, a + n))))
+    elif which == 5:
+        segs[i] = pick((s.pages, s.length), None, s)  # not a segment, or one twice
+        if segs[i] is s:
+            segs.append(s)
+    elif which == 6:
+        layout = pick("sequential", "other", None, ["shared"])
+    elif which == 7:
+        positions = pick([t.position for t in segs], tuple(t.position for t in segs), [t.position for t in segs][1:],
+                         [float(t.position) for t in segs], [t.position + 1 for t in segs], [0] * len(segs),
+                         [t.position == 1 for t in segs], iter)
+    elif which == 8:
+        dst = pick(lambda: torch.arange(20, 24), lambda: kvfuse.PagePool(24, 4, 1, 8), lambda: "pages",
+                   lambda: kvfuse.PagePool(25, 4, 1, 8), lambda: torch.arange(2))
+    elif which == 9:
+        pools = pick(lambda k, v: (k, k), lambda k, v: (k, v.double()), lambda k, v: (k.transpose(1, 2), v),
+                     lambda k, v: (k[..., 0], v[..., 0]), lambda k, v: (k.long(), v.long()),
+                     lambda k, v: (k[:-1], k.view(-1)[32:].view(23, 4, 1, 8)), lambda k, v: (k[:12], k[12:]),
+                     lambda k, v: (k[None, None], v[None, None]), lambda k, v: (k, v[:-1]),
+                     lambda k, v: (k, v.to("meta")),
+                     lambda k, v: (k.transpose(0, 1).contiguous().transpose(0, 1), v),
+                     lambda k, v: (k, v.transpose(0, 1).contiguous().transpose(0, 1)),
+                     lambda k, v: (k.view(2, 12, 4, 1, 8), v.view(2, 12, 4, 1, 8)), lambda k, v: (k.half(), v.half()))
+    elif which == 10:
+        rope = pick(kvfuse.RopeConfig(head_dim=16), "rope", kvfuse.ModelRope((cfg, None)),
+                    kvfuse.ModelRope((kvfuse.RopeConfig(16),)))
+        if num(0, 2):
+            pools = lambda k, v: (k.view(2, 12, 4, 1, 8), v.view(2, 12, 4, 1, 8))  # noqa: E731
+    listed = list(segs)
+    if which == 11:
+        segs = pick(tuple(segs), [], iter)
+
+    def fresh(xs, of):  # an iterator is used up by one call: a new one per call
+        return (lambda: iter(of)) if xs is iter else (lambda: xs)
+
+    return fresh(segs, listed), layout, fresh(positions, [getattr(t, "position", 0) for t in listed]), dst, pools, rope
+
+
+def _listed(table):
+    return [(kind, p if type(p) is int else list(p) if type(p) is range else p.tolist()) for kind, p in table]
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_compose_of_runs_fast_path_is_the_general_path(monkeypatch, descending):
+    """Compositions of runs that move and copy nothing are built from ints and ranges alone: on random
+    segments that gives what the general path gives, and every input refused there goes to the
+    general path, which raises the same errors (before writing anything)."""
+    comp = importlib.import_module("kvfuse.compose")
+    g = torch.Generator().manual_seed(7 + descending)
+    taken = 0
+    for trial in range(2000):
+        case = segs, layout, positions, dst, pools, rope = _random_case(g, descending)
+
+        def run(k, v, case=case):
+            segs, layout, positions, dst, pools, rope = case
+            return comp._compose(*pools(k, v), segs(), rope, layout, positions(), dst(), "torch",
+                                 descending=descending)
+
+        fast = _outcome(run)
+        with monkeypatch.context() as m:
+            m.setattr(comp, "_runs_only", lambda *a, **kw: None)
+            ref = _outcome(run)
+        assert len(fast) == len(ref) and (len(ref) == 3 or fast == ref), (trial, fast, ref)
+        if len(ref) == 2:
+            continue
+        (a, la), ka, va = fast
+        (b, lb), kb, vb = ref
+        assert torch.equal(ka, kb) and torch.equal(va, vb), trial
+        assert (_listed(la.table), la.copies, la.rotations, la.n_new) == (
+            _listed(lb.table), lb.copies, lb.rotations, lb.n_new), trial
+        for f in ("length", "ranges", "starts", "page_runs", "_runs", "device"):
+            assert getattr(a, f) == getattr(b, f), (trial, f)
+        for f in ("pages", "new_pages", "reused_pages", "host_pages", "host_reused_pages", "positions"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert x.dtype == y.dtype and torch.equal(x, y), (trial, f)
+        if comp._runs_only(*pools(ka, va), segs(), rope, layout, positions(), dst(), descending) is not None:
+            taken += 1
+            if not descending:  # kvfuse.compose takes the same path
+                with monkeypatch.context() as m:
+                    m.setattr(comp, "_compose", None)
+                    out = kvfuse.compose(*pools(ka, va), segs(), rope, layout=layout, positions=positions(),
+                                         dst_pages=dst())
+                assert (out.length, out.ranges, out.starts, out._runs) == (a.length, a.ranges, a.starts, a._runs)
+    assert taken > 600
