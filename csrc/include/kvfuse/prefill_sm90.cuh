@@ -42,11 +42,14 @@
 // look-ups by lane before the stage wait 489-526 (pages 16 and 128); + the overlapped loop, 3
 // stages and the spread TMA issue 531 / 563 at page 16, 524 / 559 at page 128 (the serial loop
 // 493 / 517 and 496 / 516 in the same run). The overlap alone gained only at page 128 (522 / 550):
-// at page 16 the producer's one warp then could not issue the 32 boxes of a tile in time. A
-// ping-pong of the two consumers (named barriers around [Q K^T, softmax, P V issue]) was slower
-// (387-403) and is not used, and so was one box per producer thread at d 128 (524 / 523 against
-// 519 / 552). At d 256, page 16, the spread issue took 504 / 520 to 564 / 590. Not built yet: a
-// persistent grid, 2-CTA clusters with TMA multicast.
+// at page 16 the producer's one warp then could not issue the 32 boxes of a tile in time. At d 256,
+// page 16, the spread issue took 504 / 520 to 564 / 590.
+// Tried at d 128 and not used, each against this kernel in the same run: a ping-pong of the two
+// consumers around [Q K^T, softmax, P V issue] (387-403); FlashAttention-3's ping-pong (named
+// barriers around the issue of the two products only) 504-531 against 515-548; a persistent grid
+// (the kernel looping over work items, one block per SM): the loop alone took 504-541 to 475-495,
+// persistent or not; the tile index and full flag read a tile ahead, a further 1-4% slower; one box
+// per producer thread (524 / 523 against 519 / 552). Not built: 2-CTA clusters with TMA multicast.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the encode function is fetched from the driver at run time)
