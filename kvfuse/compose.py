@@ -127,7 +127,8 @@ def _runs_tensor(runs: tuple[range, ...], device) -> torch.Tensor:
     """int32 page ids of runs (ranges), on ``device``."""
     if not runs:
         return torch.empty(0, dtype=torch.int32, device=device)
-    return torch.cat([torch.arange(r.start, r.stop, r.step, dtype=torch.int32) for r in runs]).to(device)
+    host = torch.cat([torch.arange(r.start, r.stop, r.step, dtype=torch.int32) for r in runs])
+    return to_device_async(host, torch.device(device))
 
 
 def _as_tensor(pages) -> torch.Tensor:
@@ -449,8 +450,6 @@ def _host_segments(segments, k_cache: torch.Tensor, descending: bool = False) ->
                 if pages.device != k_cache.device:
                     raise ValueError(f"segments[{i}].pages must be on {k_cache.device} or the CPU, got {pages.device}")
                 on_dev.append(i)
-            elif pages.dtype != torch.int64:
-                pages = pages.to(torch.int64)
         host.append(pages)
     if on_dev:
         fetched = torch.cat([segments[i].pages.to(torch.int64) for i in on_dev]).cpu()
@@ -459,7 +458,12 @@ def _host_segments(segments, k_cache: torch.Tensor, descending: bool = False) ->
     out = []
     for i, (s, pages) in enumerate(zip(segments, host)):
         if not isinstance(pages, range):
-            check_pages(f"segments[{i}].pages", pages, k_cache)
+            run = _as_run(pages, num_pages)
+            if run is None:
+                check_pages(f"segments[{i}].pages", pages, k_cache)
+                pages = pages.to(torch.int64)
+            else:
+                pages = run
         if s.start < 0 or s.length < 0 or s.start + s.length > len(pages) * page_size:
             raise ValueError(f"segments[{i}]: tokens [{s.start}, {s.start + s.length}) do not fit its "
                              f"{len(pages)} pages of {page_size}")
@@ -467,6 +471,22 @@ def _host_segments(segments, k_cache: torch.Tensor, descending: bool = False) ->
             raise ValueError(f"segments[{i}].position={s.position} must keep its positions in [0, {MAX_POSITION}]")
         out.append(s if pages is s.pages else SourceSegment(pages, s.length, s.start, s.position, s.give_up))
     return out
+
+
+def _as_run(pages: torch.Tensor, num_pages: int) -> range | None:
+    """A host page tensor of consecutive ids in [0, num_pages), upwards or downwards, as a ``range`` (then
+    every later check and table is O(1) per segment, as for runs given as ranges); None otherwise."""
+    n = pages.numel()
+    if not n:
+        return None
+    ids = pages.numpy()  # a host int tensor: shared, not copied (3x cheaper than the tensor ops)
+    a, b = int(ids[0]), int(ids[-1])
+    step = 1 if b >= a else -1
+    if (b - a) * step != n - 1 or min(a, b) < 0 or max(a, b) >= num_pages:
+        return None
+    if n > 1 and not bool((ids[1:] - ids[:-1] == step).all()):
+        return None
+    return range(a, b + step, step)
 
 
 def _check_run(name: str, pages: range, num_pages: int) -> None:

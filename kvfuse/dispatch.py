@@ -21,15 +21,16 @@ PRIORITY = ("cuda", "triton", "torch")  # every backend (the order of an op not 
 _BACKEND_MODULES = {b: f"kvfuse.backends.{b}" for b in PRIORITY}
 # "auto" per op, fastest first (H200, bf16, bench/RESULTS.md, same run): re-rotation Triton 4.03 TB/s
 # vs CUDA 3.79; compose Triton 3.95 vs CUDA 3.82; decode attention Triton 4.35 vs CUDA 4.17; prefill
-# (more than 8 queries per sequence) at head_dim 128: the CUDA Hopper kernel first (460-520 effective
-# TFLOP/s against Triton's 350-440; other head dims are not measured and keep Triton first; the CUDA
-# backend declines prefill off Hopper). merge_states is not measured: CUDA first. An entry is a tuple
-# or a function of the op's inputs returning one.
+# (more than 8 queries per sequence) at the Hopper kernel's head dims: CUDA first (effective TFLOP/s,
+# P=4K T=4 L=4K, page 16: d 64 352 vs Triton's 314, d 128 522 vs 357, d 256 580 vs 244; the CUDA
+# backend declines prefill off Hopper, where Triton runs it). merge_states is not measured: CUDA
+# first. An entry is a tuple or a function of the op's inputs returning one.
 PREFILL_MIN_Q = 9
+PREFILL_CUDA_HEAD_DIMS = (64, 128, 256)
 
 
 def _attention_order(plan=None, q=None, **_) -> tuple[str, ...]:
-    if plan is not None and plan.max_q >= PREFILL_MIN_Q and q is not None and q.shape[-1] == 128:
+    if plan is not None and plan.max_q >= PREFILL_MIN_Q and q is not None and q.shape[-1] in PREFILL_CUDA_HEAD_DIMS:
         return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
 

@@ -243,11 +243,63 @@ def test_page_runs_compose_like_page_tensors(case, layout):
     for f in ("pages", "new_pages", "reused_pages", "positions"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
     assert (a.length, a.ranges, a.starts) == (b.length, b.ranges, b.starts)
-    assert a.page_runs is None and (b.page_runs is not None) == (b.new_pages.numel() == 0)
+    # page tensors of consecutive ids are taken as runs too
+    assert (b.page_runs is not None) == (b.new_pages.numel() == 0) and a.page_runs in (None, b.page_runs)
     for out in (a, b):  # the host copies of the tables are the tables
         assert out.host_pages.device.type == "cpu" and out.host_pages.dtype == torch.int32
         assert torch.equal(out.host_pages, out.pages.cpu())
         assert torch.equal(out.host_reused_pages, out.reused_pages.cpu())
+
+
+@pytest.mark.parametrize("give_up", [True, False])
+@pytest.mark.parametrize("layout", ["sequential", "shared"])
+def test_consecutive_page_tensors_compose_as_runs(layout, give_up, monkeypatch):
+    """Page tensors of consecutive ids (either direction) are composed as runs, with the same result as
+    the tensor path (taken when `_as_run` declines): K/V, every table. A gap or a swap keeps the tensor
+    path."""
+    import importlib
+
+    compose_mod = importlib.import_module("kvfuse.compose")
+    as_run = compose_mod._as_run
+    k, v = _pool(64, 4, 2, 16, torch.float32, torch.device("cpu"))
+    cfg = kvfuse.RopeConfig(head_dim=16)
+    lists = [[0, 1, 2], [9, 8, 7, 6], [20, 21, 23], [30, 32, 31], [40]]
+    lens = [12, 16, 10, 9, 3]
+    outs, seen = [], []
+    for runs in (True, False):
+        monkeypatch.setattr(compose_mod, "_as_run", (lambda p, n: seen.append(r := as_run(p, n)) or r) if runs
+                            else (lambda p, n: None))
+        segs = [SourceSegment(torch.tensor(p, dtype=torch.int32), n, position=0, give_up=give_up)
+                for p, n in zip(lists, lens)]
+        kk, vv = k.clone(), v.clone()
+        out = kvfuse.compose(kk, vv, segs, cfg, layout=layout, dst_pages=torch.arange(50, 63), backend="torch")
+        outs.append((kk, vv, out))
+    assert seen == [range(0, 3), range(9, 5, -1), None, None, range(40, 41)]
+    (k0, v0, a), (k1, v1, b) = outs
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    for f in ("pages", "new_pages", "reused_pages", "positions", "host_pages", "host_reused_pages"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert (a.length, a.ranges, a.starts) == (b.length, b.ranges, b.starts)
+
+
+def test_consecutive_page_tensors_become_runs():
+    """Which page tensors are taken as runs: consecutive ids in the pool, upwards or downwards; a tensor
+    out of the pool is still refused with its message."""
+    import importlib
+
+    compose_mod = importlib.import_module("kvfuse.compose")
+    as_run = compose_mod._as_run
+    t = lambda *p: torch.tensor(p, dtype=torch.int32)  # noqa: E731
+    assert as_run(t(3, 4, 5), 10) == range(3, 6)
+    assert as_run(t(5, 4, 3), 10) == range(5, 2, -1)
+    assert as_run(t(7), 10) == range(7, 8)
+    assert as_run(torch.tensor([2, 3], dtype=torch.int64), 10) == range(2, 4)
+    for bad in (t(3, 5, 4), t(3, 4, 6), t(3, 3, 4), t(8, 9, 10), t(-1, 0, 1)):
+        assert as_run(bad, 10) is None, bad
+    assert as_run(t(), 10) is None
+    k, v = _pool(8, 4, 1, 8, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"page ids in \[0, 8\)"):
+        kvfuse.compose(k, v, [SourceSegment(t(7, 8), 8, position=0)], kvfuse.RopeConfig(head_dim=8), layout="shared")
 
 
 def test_zero_copy_of_page_runs_is_runs():

@@ -92,9 +92,9 @@ def test_auto_follows_the_measured_order_per_op(monkeypatch):
     assert set(dispatch.ORDER) == set(dispatch.PUBLIC_OPS.values())
 
 
-def test_attention_order_puts_the_cuda_prefill_first_at_head_dim_128(monkeypatch):
-    """Prefill plans (more than 8 queries per sequence) at head_dim 128 try the CUDA (Hopper) kernel
-    first; decode plans and other head dims keep Triton first."""
+def test_attention_order_puts_the_cuda_prefill_first_at_its_head_dims(monkeypatch):
+    """Prefill plans (more than 8 queries per sequence) at head_dim 64, 128 or 256 try the CUDA (Hopper)
+    kernel first; decode plans and other head dims keep Triton first."""
     calls = []
 
     def fake(op, backend, **inputs):
@@ -106,7 +106,8 @@ def test_attention_order_puts_the_cuda_prefill_first_at_head_dim_128(monkeypatch
     g = kvfuse.SegmentGraph.fork_join(prefix=16, threads=[8, 8])
     prefill = kvfuse.plan(kvfuse.AttentionSpec([g]))
     decode = kvfuse.plan(kvfuse.AttentionSpec([g], q_lens=[1]))
-    for plan, d, want in ((prefill, 128, "cuda"), (prefill, 64, "triton"), (decode, 128, "triton"),
-                          (decode, 64, "triton")):
+    for plan, d, want in ((prefill, 128, "cuda"), (prefill, 64, "cuda"), (prefill, 256, "cuda"),
+                          (prefill, 96, "triton"), (prefill, 32, "triton"), (decode, 128, "triton"),
+                          (decode, 64, "triton"), (decode, 256, "triton")):
         q = torch.empty(plan.total_q, 4, d)
         assert dispatch.choose("segment_attention", "auto", q=q, plan=plan) == want, (plan.max_q, d)

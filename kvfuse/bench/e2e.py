@@ -179,8 +179,13 @@ def providers(ctx: Ctx, rope, moved_bytes: float) -> list[Provider]:
             why = reasons_for("rerotate_", backend, k_cache=st["k"], rotary_dim=rope.rotary_dim, interleaved=False)
             if why:
                 raise Skip("; ".join(why))
-            return lambda: kvfuse.compose(st["k"], st["v"], _segments(st, True), rope, layout=layout,
-                                          dst_pages=st["dst"], backend=backend)
+            def fn():  # with the composed page table on the device (built on first read), as attention needs it
+                out = kvfuse.compose(st["k"], st["v"], _segments(st, True), rope, layout=layout,
+                                     dst_pages=st["dst"], backend=backend)
+                _ = out.pages
+                return out
+
+            return fn
 
         return make
 
