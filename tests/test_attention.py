@@ -29,6 +29,11 @@ def _graphs(case):
         return [SegmentGraph.fork_join(prefix=64, threads=[33, 17], join=1),
                 SegmentGraph([Segment("p", 70)]),
                 SegmentGraph.fork_join(prefix=5, threads=[2, 2], join=1)], [1, 1, 1]
+    if case == "mixed-prefill-decode":  # one batch: a chunked prefill, two decodes, a whole prefill
+        return [SegmentGraph.fork_join(prefix=30, threads=[20, 15], join=24),
+                SegmentGraph([Segment("p", 70)]),
+                SegmentGraph.fork_join(prefix=5, threads=[2, 2], join=1),
+                SegmentGraph([Segment("a", 41)])], [24, 1, 1, 41]
     if case == "decode-cross-thread":  # the decoding token continues thread0 only
         g = SegmentGraph([Segment("p", 48), Segment("t0", 30, ("p",)), Segment("t1", 25, ("p",)),
                           Segment("next", 3, ("t0",))])
@@ -36,7 +41,8 @@ def _graphs(case):
     raise KeyError(case)
 
 
-CASES = ["prefill-fork-join", "prefill-batch", "chunked-prefill", "decode", "decode-cross-thread"]
+CASES = ["prefill-fork-join", "prefill-batch", "chunked-prefill", "decode", "decode-cross-thread",
+         "mixed-prefill-decode"]
 
 
 def _setup(graphs, q_lens, hq, hkv, d, page_size, dtype, dev):
