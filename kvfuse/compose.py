@@ -50,9 +50,10 @@ class Composed:
     starts: the new RoPE position of each segment's first token; new_pages: destination pages written
     by the copy; reused_pages: source pages taken over without a copy (given up or shared read-only).
     ``positions`` (int64 ``[length]``, the position of every token) is built on first use, so that a
-    zero-copy composition costs metadata only. When every segment's pages were runs (``range``) and
-    nothing was copied, ``page_runs`` lists the page table as ``(first page, count)`` runs and ``pages`` /
-    ``reused_pages`` are built on first use too (``page_runs`` is None otherwise). ``host_pages`` /
+    zero-copy composition costs metadata only. When every segment's pages were runs (``range``, or host
+    page tensors of consecutive ids, which are taken as runs) and nothing was copied, ``pages`` /
+    ``reused_pages`` are built on first use too, and ``page_runs`` lists the page table as ``(first page,
+    count)`` runs when they all run upwards (None otherwise). ``host_pages`` /
     ``host_reused_pages`` are the same tables on the CPU, kept from the composition: reading them
     waits for no device work.
     """
@@ -127,8 +128,7 @@ def _runs_tensor(runs: tuple[range, ...], device) -> torch.Tensor:
     """int32 page ids of runs (ranges), on ``device``."""
     if not runs:
         return torch.empty(0, dtype=torch.int32, device=device)
-    host = torch.cat([torch.arange(r.start, r.stop, r.step, dtype=torch.int32) for r in runs])
-    return to_device_async(host, torch.device(device))
+    return torch.cat([torch.arange(r.start, r.stop, r.step, dtype=torch.int32) for r in runs]).to(device)
 
 
 def _as_tensor(pages) -> torch.Tensor:
@@ -421,9 +421,10 @@ def _compose(k_cache, v_cache, segments, rope, layout="sequential", positions=No
 
 
 def _host_segments(segments, k_cache: torch.Tensor, descending: bool = False) -> list[SourceSegment]:
-    """Validate the segments and return them with host page lists (int64 tensors, or runs; with
-    ``descending`` a run may have step -1). The page lists on the device come back in one transfer
-    (the only device round trip; none for host page lists or runs)."""
+    """Validate the segments and return them with host page lists: int64 tensors, or runs (``range``s:
+    those given, with ``descending`` also of step -1, and page tensors of consecutive ids in either
+    direction, see `_as_run`). The page lists on the device come back in one transfer (the only device
+    round trip; none for host page lists or runs)."""
     segments = list(segments)
     if not segments:
         raise ValueError("segments must not be empty")

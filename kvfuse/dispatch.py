@@ -26,11 +26,11 @@ _BACKEND_MODULES = {b: f"kvfuse.backends.{b}" for b in PRIORITY}
 # backend declines prefill off Hopper, where Triton runs it). merge_states is not measured: CUDA
 # first. An entry is a tuple or a function of the op's inputs returning one.
 PREFILL_MIN_Q = 9
-PREFILL_CUDA_HEAD_DIMS = (64, 128, 256)
+CUDA_ATTN_HEAD_DIMS = (64, 128, 256)  # the CUDA backend's attention kernels (decode and the Hopper prefill)
 
 
 def _attention_order(plan=None, q=None, **_) -> tuple[str, ...]:
-    if plan is not None and plan.max_q >= PREFILL_MIN_Q and q is not None and q.shape[-1] in PREFILL_CUDA_HEAD_DIMS:
+    if plan is not None and plan.max_q >= PREFILL_MIN_Q and q is not None and q.shape[-1] in CUDA_ATTN_HEAD_DIMS:
         return ("cuda", "triton", "torch")
     return ("triton", "cuda", "torch")
 

@@ -97,7 +97,7 @@ def test_attention_against_float64_oracle(backend, case, dtype, hq, hkv, d, page
     torch.testing.assert_close(lse, want_lse.float(), atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("case", ["prefill-fork-join", "decode"])
+@pytest.mark.parametrize("case", ["prefill-fork-join", "decode", "mixed-prefill-decode"])
 def test_attention_head_dim_256(backend, case):
     dev = device_for(backend)
     graphs, q_lens = _graphs(case)

@@ -44,7 +44,11 @@ CASES = {
 @pytest.mark.parametrize("layout", ["sequential", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layers", [None, 2], ids=["flat", "stacked2"])
-def test_compose_matches_dense_oracle(backend, case, layout, dtype, layers):
+@pytest.mark.parametrize("pages_as", ["runs", "tensors"])
+def test_compose_matches_dense_oracle(backend, case, layout, dtype, layers, pages_as, monkeypatch):
+    """``pages_as="tensors"``: the page tensors (consecutive ids) are kept as tensors, not taken as runs."""
+    if pages_as == "tensors":
+        monkeypatch.setattr(importlib.import_module("kvfuse.compose"), "_as_run", lambda pages, num_pages: None)
     dev = device_for(backend)
     lengths, starts, ps, give_up = CASES[case]
     cfg = kvfuse.RopeConfig(head_dim=32, rotary_dim=24)
@@ -225,7 +229,7 @@ def _as_runs(segs):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("layout", ["shared", "sequential"])
-def test_page_runs_compose_like_page_tensors(case, layout):
+def test_page_runs_compose_like_page_tensors(case, layout, monkeypatch):
     """Segments whose pages are ranges compose exactly as the same pages given as tensors (copies,
     in-place rotations, zero copy), and a zero-copy composition of runs keeps its table as runs."""
     lengths, starts, ps, give_up = CASES[case]
@@ -233,18 +237,21 @@ def test_page_runs_compose_like_page_tensors(case, layout):
     segs, used = _make_segments(lengths, ps, "cpu", give_up=give_up, starts=starts)
     cfg = kvfuse.RopeConfig(head_dim=16)
     outs = []
+    compose_mod = importlib.import_module("kvfuse.compose")
     for s in (segs, _as_runs(segs)):
         kk, vv = k.clone(), v.clone()
         dst = torch.arange(used, 40, dtype=torch.int32)
-        out = kvfuse.compose(kk, vv, s, cfg, layout=layout, dst_pages=dst, backend="torch")
+        with monkeypatch.context() as m:
+            if s is segs:  # the page tensors as tensors (consecutive ids are otherwise taken as runs)
+                m.setattr(compose_mod, "_as_run", lambda pages, num_pages: None)
+            out = kvfuse.compose(kk, vv, s, cfg, layout=layout, dst_pages=dst, backend="torch")
         outs.append((kk, vv, out))
     (k0, v0, a), (k1, v1, b) = outs
     assert torch.equal(k0, k1) and torch.equal(v0, v1)
     for f in ("pages", "new_pages", "reused_pages", "positions"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
     assert (a.length, a.ranges, a.starts) == (b.length, b.ranges, b.starts)
-    # page tensors of consecutive ids are taken as runs too
-    assert (b.page_runs is not None) == (b.new_pages.numel() == 0) and a.page_runs in (None, b.page_runs)
+    assert a.page_runs is None and (b.page_runs is not None) == (b.new_pages.numel() == 0)
     for out in (a, b):  # the host copies of the tables are the tables
         assert out.host_pages.device.type == "cpu" and out.host_pages.dtype == torch.int32
         assert torch.equal(out.host_pages, out.pages.cpu())
@@ -294,7 +301,7 @@ def test_consecutive_page_tensors_become_runs():
     assert as_run(t(5, 4, 3), 10) == range(5, 2, -1)
     assert as_run(t(7), 10) == range(7, 8)
     assert as_run(torch.tensor([2, 3], dtype=torch.int64), 10) == range(2, 4)
-    for bad in (t(3, 5, 4), t(3, 4, 6), t(3, 3, 4), t(8, 9, 10), t(-1, 0, 1)):
+    for bad in (t(3, 5, 4), t(3, 4, 6), t(3, 3, 4), t(8, 9, 10), t(-1, 0, 1), t(3, 5, 4, 6), t(6, 4, 5, 3)):
         assert as_run(bad, 10) is None, bad
     assert as_run(t(), 10) is None
     k, v = _pool(8, 4, 1, 8, torch.float32, torch.device("cpu"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvfuse.dispatch import register
+from kvfuse.dispatch import CUDA_ATTN_HEAD_DIMS, register
 
 try:
     from kvfuse import _C
@@ -18,7 +18,7 @@ except ImportError as e:  # the extension is not built (or was built against ano
 
 POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTN_DTYPES = (torch.float16, torch.bfloat16)
-ATTN_HEAD_DIMS = (64, 128, 256)
+ATTN_HEAD_DIMS = CUDA_ATTN_HEAD_DIMS
 DECODE_MAX_Q = 8  # queries per sequence the decode kernel takes; more: the Hopper prefill kernel
 DECODE_BLOCK_K = 64
 PREFILL_ROWS = 128  # (query, head) rows of a block of the prefill kernel (csrc/include/kvfuse/prefill_sm90.cuh)
