@@ -125,10 +125,17 @@ def _no_pages(device) -> torch.Tensor:
 
 
 def _runs_tensor(runs: tuple[range, ...], device) -> torch.Tensor:
-    """int32 page ids of runs (ranges), on ``device``."""
+    """int32 page ids of runs (ranges), on ``device`` (None: the CPU). A CUDA device gets them through a
+    pinned, non-blocking copy, ordered on the current stream like any kernel's output (a blocking copy
+    would wait for every kernel queued before it, e.g. the composition's own rotations); not inside a
+    CUDA-graph capture, where a replay could read the pinned buffer after its reuse."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     if not runs:
         return torch.empty(0, dtype=torch.int32, device=device)
-    return torch.cat([torch.arange(r.start, r.stop, r.step, dtype=torch.int32) for r in runs]).to(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the page table of a composition of page runs is built on its first read, which "
+                           "cannot be captured in a CUDA graph: read Composed.pages / reused_pages before capturing")
+    return to_device_async(torch.cat([torch.arange(r.start, r.stop, r.step, dtype=torch.int32) for r in runs]), device)
 
 
 def _as_tensor(pages) -> torch.Tensor:

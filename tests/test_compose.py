@@ -309,6 +309,13 @@ def test_consecutive_page_tensors_become_runs():
         kvfuse.compose(k, v, [SourceSegment(t(7, 8), 8, position=0)], kvfuse.RopeConfig(head_dim=8), layout="shared")
 
 
+def test_composed_of_runs_built_by_hand():
+    """A `Composed` made from page runs with no device builds its tables on the CPU."""
+    c = kvfuse.Composed(8, [(0, 8)], [0], None, page_runs=((3, 2), (9, 1)))
+    for t in (c.pages, c.reused_pages, c.host_pages, c.host_reused_pages):
+        assert t.tolist() == [3, 4, 9] and t.dtype == torch.int32 and t.device.type == "cpu"
+
+
 def test_zero_copy_of_page_runs_is_runs():
     k, v = _pool(64, 4, 1, 8, torch.float32, torch.device("cpu"))
     segs = [SourceSegment(range(0, 10), 40, position=0, give_up=True), SourceSegment(range(20, 30), 37, position=0,
