@@ -156,7 +156,7 @@ def _disjoint_runs(runs) -> bool:
     last = -1
     for r in runs:
         if r:
-            lo, hi = (r[0], r[-1]) if r.step > 0 else (r[-1], r[0])
+            lo, hi = _span(r)
             if lo <= last:
                 break
             last = hi
