@@ -99,6 +99,21 @@ def _(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, token_seg, ancestors
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
+def _write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor, layer: int, backend: str) -> None:
+    """K/V of ``n`` tokens into their slots of the layer-stacked pools (``layer`` -1: ``k``/``v`` hold every
+    layer), in place: an op of its own so that a compiled graph writes the pools where they are (traced as
+    an indexed assignment, the write would be functionalised into a copy of the pool)."""
+    implementation("write_kv_", backend)(k_cache, v_cache, slots, k, v, layer)
+
+
+_write_kv_op = torch.library.custom_op("kvfuse::write_kv_", _write_kv, mutates_args=("k_cache", "v_cache"))
+
+
+@_write_kv_op.register_fake
+def _(k_cache, v_cache, slots, k, v, layer, backend):
+    return None
+
+
 def _merge_states(v_a: Tensor, s_a: Tensor, v_b: Tensor, s_b: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     return implementation("merge_states", backend)(v_a, s_a, v_b, s_b)
 
@@ -114,4 +129,5 @@ def _(v_a, s_a, v_b, s_b, backend):
 rerotate_op = _entry(_rerotate_op, _rerotate, mutated=(0,))
 compose_copy_op = _entry(_compose_copy_op, _compose_copy, mutated=(0, 1))
 segment_attention_op = _entry(_segment_attention_op, _segment_attention)
+write_kv_op = _entry(_write_kv_op, _write_kv, mutated=(0, 1))
 merge_states_op = _entry(_merge_states_op, _merge_states)

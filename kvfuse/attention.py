@@ -428,7 +428,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
 
     b = choose("segment_attention", backend, q=q, k_cache=k_cache, plan=plan)
     tile_shape = meta("segment_attention", b).get("tile_shape")
-    tm_args = tile_args(plan.tiles(*tile_shape(d, plan.max_q, hq // hkv), window) if tile_shape else None, q.device)
+    shape = tile_shape(d, plan.max_q, hq // hkv, itemsize=q.element_size()) if tile_shape else None
+    tm_args = tile_args(plan.tiles(*shape, window) if shape else None, q.device)
     out, lse = _ops.segment_attention_op(q, k_cache, v_cache, block_table, plan.kv_lens, plan.qo_indptr,
                                          plan.token_seg, plan.ancestors, plan.q_token, plan.token_pos, *tm_args,
                                          sm_scale, float(softcap), window or 0, b)

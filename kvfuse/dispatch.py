@@ -40,6 +40,7 @@ ORDER = {
     "compose_copy_": ("triton", "cuda", "torch"),
     "segment_attention": _attention_order,
     "merge_states": ("cuda", "triton", "torch"),
+    "write_kv_": ("triton", "torch"),  # one launch for K and V of a step's tokens (two indexed assignments in torch)
 }
 
 
@@ -60,7 +61,7 @@ _LOADED: set[str] = set()  # backends whose module was imported (or failed to im
 _LOAD_LOCK = threading.RLock()  # the first dispatch of two threads: both wait until the backend is loaded
 # the public names `available` takes, and the registered op each runs
 PUBLIC_OPS = {"rerotate": "rerotate_", "rerotate_": "rerotate_", "compose": "compose_copy_",
-              "attention": "segment_attention", "merge_states": "merge_states"}
+              "attention": "segment_attention", "merge_states": "merge_states", "write_kv_": "write_kv_"}
 
 
 def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = None, **meta):
@@ -150,11 +151,12 @@ def meta(op: str, backend: str) -> dict:
 def available(op: str, **inputs) -> dict[str, list[str]]:
     """Reasons per backend why it cannot run ``op`` (an empty list means it would run).
 
-    ``op``: a public name ("rerotate_" or "rerotate", "compose", "attention", "merge_states") or a
-    registered op ("compose_copy_", "segment_attention"). ``inputs``: the tensors and options the op
-    would get (``k_cache=``, ``rotary_dim=``, ``interleaved=``; ``q=``, ``k_cache=``, ``plan=``;
-    ``v=``). Without inputs only what is known without them is reported (a backend that failed to
-    load, with its install hint, or has no implementation); an empty list then means "loaded".
+    ``op``: a public name ("rerotate_" or "rerotate", "compose", "attention", "merge_states",
+    "write_kv_": `PagedKVStore.write_`) or a registered op ("compose_copy_", "segment_attention").
+    ``inputs``: the tensors and options the op would get (``k_cache=``, ``rotary_dim=``,
+    ``interleaved=``; ``q=``, ``k_cache=``, ``plan=``; ``v=``). Without inputs only what is known
+    without them is reported (a backend that failed to load, with its install hint, or has no
+    implementation); an empty list then means "loaded".
 
     Example:
         >>> import kvfuse

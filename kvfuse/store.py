@@ -27,6 +27,7 @@ import itertools
 
 import torch
 
+from kvfuse import _ops
 from kvfuse._checks import (
     ANY_FLOAT,
     FLOAT_DTYPES,
@@ -38,7 +39,8 @@ from kvfuse._checks import (
     check_tensor,
     check_unique,
 )
-from kvfuse.paged import OutOfPages, gather_kv, slot_view, to_device_async
+from kvfuse.dispatch import choose, resolve
+from kvfuse.paged import OutOfPages, gather_kv, to_device_async
 from kvfuse.rope import MAX_POSITION, ModelRope, RopeConfig, as_model_rope
 from kvfuse.segments import Segment, SegmentGraph
 
@@ -229,7 +231,8 @@ class PagedKVStore:
             layer = check_int("layer", layer, lo=0, hi=self.num_layers - 1)
         check_tensor("slots", slots, ndim=1, dtype=(torch.int32, torch.int64), device=self.device)
         n_slots = self.num_pages * self.page_size
-        if slots.device.type == "cpu":
+        # (inside torch.compile: a compiled decode step, whose slots `reserve` made)
+        if slots.device.type == "cpu" and not torch.compiler.is_compiling():
             check_in_range("slots", slots, 0, n_slots, "slot ids (page * page_size + offset)")
             check_unique("slots", slots, "slot ids", upper=n_slots)
         want = (self.num_layers,) * (layer is None) + (slots.numel(), self.num_kv_heads, self.head_dim)
@@ -238,12 +241,9 @@ class PagedKVStore:
             if tuple(t.shape) != want:
                 raise ValueError(f"{name} must be {'[n' if layer is not None else '[num_layers, n'}, Hkv, D] = "
                                  f"{list(want)} (n = slots.numel()), got {list(t.shape)}")
-        if layer is None:
-            kv, vv = slot_view(self.k_cache), slot_view(self.v_cache)
-        else:
-            kv, vv = slot_view(self.k_cache[layer])[0], slot_view(self.v_cache[layer])[0]
-        kv[..., slots, :, :] = k.to(self.k_cache.dtype)
-        vv[..., slots, :, :] = v.to(self.v_cache.dtype)
+        chosen = resolve(None)  # KVFUSE_BACKEND: the CUDA backend has no write of its own
+        backend = choose("write_kv_", chosen if chosen in ("triton", "torch") else "auto", k_cache=self.k_cache)
+        _ops.write_kv_op(self.k_cache, self.v_cache, slots, k, v, -1 if layer is None else layer, backend)
 
 
 def _add(rc: list[int], pages: list[int] | range, d: int) -> None:

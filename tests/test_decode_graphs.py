@@ -148,3 +148,58 @@ def test_cuda_graph_replays_equal_hf_decode(prefix):
     assert list(runner._buckets) == [key] and runner._buckets[key].graph is not None
     for r, ref in zip(rows, ref_rows):
         torch.testing.assert_close(r.gather()[0].float(), ref.gather()[0].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_compiled_static_path_equals_hf_decode_across_buckets_and_capacity_growth(arch):
+    """``compile=True``: the step's forward compiled by torch.compile (inductor). Three rows, then one
+    (two buckets, one compiled entry each), over a 246-token prefix whose 256-token row capacity is
+    outgrown mid-way (the bucket is made again): float32 logits and the rows' K/V equal hf.decode's
+    one row at a time. The compiled graph writes the K/V in place (the pools are not copied)."""
+    model = _model(arch)
+    store, prompt, ref_rows, rows = _setup(model, 246, 3)
+    runner = DecodeGraphs(model, store, graphs=False, compile=True)
+    pools = store.k_cache.data_ptr(), store.v_cache.data_ptr()
+    for n, steps in ((3, 14), (1, 3)):
+        tok = torch.randint(0, model.config.vocab_size, (n, 1))
+        for _ in range(steps):
+            want = _one_by_one(model, ref_rows[:n], tok)
+            got = runner.decode(rows[:n], tok)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            tok = want[:, -1].argmax(-1, keepdim=True)
+    assert sorted(runner._buckets) == [("rows", 1), ("rows", 4)] and runner._buckets[("rows", 4)].max_kv == 512
+    assert (store.k_cache.data_ptr(), store.v_cache.data_ptr()) == pools
+    for r, ref in zip(rows, ref_rows):
+        k, v = r.gather()
+        k0, v0 = ref.gather()
+        torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_argument_is_checked():
+    model = _model("llama")
+    store, *_ = _setup(model, 8, 1)
+    with pytest.raises(TypeError, match="compile must be a bool or a dict"):
+        DecodeGraphs(model, store, graphs=False, compile="max-autotune")
+
+
+def test_compiled_cuda_graph_replays_equal_the_compiled_eager_step():
+    """On a GPU: the compiled forward captured (``compile=True``) replays exactly what the same compiled
+    forward computes eagerly (``graphs=False``), and stays within bf16 noise of hf.decode."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA GPU")
+    dev = torch.device("cuda")
+    model = _model("llama", device=dev, dtype=torch.bfloat16)
+    store, prompt, ref_rows, rows = _setup(model, 200, 3, page_size=16)
+    eager_rows = kvfuse.fork(prompt, 3)
+    runner = DecodeGraphs(model, store, compile=True)
+    eager = DecodeGraphs(model, store, compile=True, graphs=False)
+    tok = torch.randint(0, model.config.vocab_size, (3, 1), device=dev)
+    for _ in range(12):
+        want = _one_by_one(model, ref_rows, tok)
+        same = eager.decode(eager_rows, tok)
+        got = runner.decode(rows, tok)
+        assert torch.equal(got, same)
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+        tok = same[:, -1].argmax(-1, keepdim=True)
+    assert runner._buckets[("rows", 4)].graph is not None

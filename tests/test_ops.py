@@ -39,7 +39,7 @@ def test_opcheck_segment_attention(backend, dtype):
     p, q, k, v, bt = _plan_inputs(dev, dtype)
     skip_unless_supported("segment_attention", backend, q=q, k_cache=k, plan=p)
     meta = kvfuse.dispatch.meta("segment_attention", backend).get("tile_shape")
-    tm = p.tiles(*meta(64, p.max_q, q.shape[1] // k.shape[2]), 9) if meta else None
+    tm = p.tiles(*meta(64, p.max_q, q.shape[1] // k.shape[2], itemsize=q.element_size()), 9) if meta else None
     tiles = tile_args(tm, dev)
     args = (q, k, v, bt, p.kv_lens, p.qo_indptr, p.token_seg, p.ancestors, p.q_token, p.token_pos, *tiles, 0.125,
             2.0, 9, backend)
@@ -57,6 +57,19 @@ def test_opcheck_rerotate_and_compose(backend):
     dst = torch.tensor([12, 13, 14], device=dev)
     torch.library.opcheck(_ops.compose_copy_op.op, (k, v, slots, dst, idx, cos, sin, 32, False, backend),
                           test_utils=OPCHECK)
+
+
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_opcheck_write_kv(backend, layer):
+    if backend == "cuda":
+        pytest.skip("the CUDA backend has no K/V write of its own (the Triton or torch one runs)")
+    dev = device_for(backend)
+    k_cache, v_cache = torch.randn(2, 6, 4, 2, 32, device=dev), torch.randn(2, 6, 4, 2, 32, device=dev)
+    skip_unless_supported("write_kv_", backend, k_cache=k_cache)
+    shape = (2, 3, 2, 32) if layer < 0 else (3, 2, 32)
+    k, v = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
+    slots = torch.tensor([1, 5, 9], device=dev)
+    torch.library.opcheck(_ops.write_kv_op.op, (k_cache, v_cache, slots, k, v, layer, backend), test_utils=OPCHECK)
 
 
 def test_opcheck_merge_states(backend):

@@ -108,12 +108,12 @@ def _prefill_available(device: torch.device) -> bool | None:
     return _PREFILL_AVAILABLE[index]
 
 
-def _tile_shape(head_dim: int, max_q_len: int, group: int = 1) -> tuple[int, int]:
+def _tile_shape(head_dim: int, max_q_len: int, group: int = 1, itemsize: int = 2) -> tuple[int, int]:
     """Decode (at most 8 queries per sequence): one query tile per sequence (the next power of two >= its
     query count), 64-key tiles. Prefill: tiles of ``128 // group`` queries, so that a block's 128
     (query, head) rows cover the GQA group, or 16 queries when that would be 8 or fewer (always more
     than the decode kernel takes, which is how the extension tells the two plans apart); keys in tiles
-    of the kernel's ``PREFILL_BLOCK_K``."""
+    of the kernel's ``PREFILL_BLOCK_K`` (``itemsize``: the kernels run 16-bit floats only)."""
     if max_q_len <= DECODE_MAX_Q:
         bq = 1
         while bq < max(1, max_q_len):

@@ -19,6 +19,7 @@ from kvfuse.triton_kernels import attention as _attention
 from kvfuse.triton_kernels import compose as _compose
 from kvfuse.triton_kernels import merge_states as _merge
 from kvfuse.triton_kernels import rerotate as _rerotate
+from kvfuse.triton_kernels import write_kv as _write_kv
 from kvfuse.triton_kernels._common import interpreting
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,8 +80,13 @@ def _merge_reasons(v=None, **_) -> list[str]:
     return why
 
 
+def _write_reasons(k_cache=None, **_) -> list[str]:
+    return [] if k_cache is None else _cache_reasons("k_cache", k_cache)
+
+
 register("rerotate_", "triton", reasons=_rope_reasons)(_rerotate.rerotate_)
 register("compose_copy_", "triton", reasons=_rope_reasons)(_compose.compose_copy_)
 register("segment_attention", "triton", reasons=_attention_reasons,
          tile_shape=_attention.tile_shape)(_attention.segment_attention)
 register("merge_states", "triton", reasons=_merge_reasons)(_merge.merge_states)
+register("write_kv_", "triton", reasons=_write_reasons)(_write_kv.write_kv_)

@@ -59,7 +59,8 @@ def kvfuse_attention(ctx: Ctx, backend: str, out_rows=None) -> Callable:
         if ctx.args.api:
             return lambda: kvfuse.attention(q, k, v, bt, plan, backend=backend)
         tile_shape = meta("segment_attention", backend).get("tile_shape")
-        shape = tile_shape(q.shape[-1], plan.max_q, q.shape[1] // k.shape[2]) if tile_shape else None
+        shape = (tile_shape(q.shape[-1], plan.max_q, q.shape[1] // k.shape[2], itemsize=q.element_size())
+                 if tile_shape else None)
         tm = tile_args(plan.tiles(*shape) if shape else None, q.device)
         return lambda: _ops.segment_attention_op(q, k, v, bt, plan.kv_lens, plan.qo_indptr, plan.token_seg,
                                                  plan.ancestors, plan.q_token, plan.token_pos, *tm, scale, 0.0, 0,

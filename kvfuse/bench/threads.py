@@ -8,6 +8,9 @@ of `PREFILL_CHUNK` tokens). Then, for every T of ``--threads`` (default 1,2,4,8)
 * ``graphs``: the batched step as one CUDA-graph replay per step
   (`kvfuse.integrations.hf_graphs.DecodeGraphs`, captured once per batch-size bucket; on CPU the same
   static path runs eagerly).
+* ``graphs-compiled``: the same with the step's forward compiled by ``torch.compile`` before the
+  capture (``DecodeGraphs(compile=True)``: inductor fuses the model's norms, rotary embedding and
+  activations; the compile time of each bucket is paid in the untimed first pass).
 * ``graphs-rows``: the same with every row reading the prefix itself (``shared_prefix=False``): the
   attention reads the prefix's K/V T times per step instead of once.
 * ``batched``: T threads forked from the prefix (`kvfuse.fork`, no copy) decode greedily with ONE
@@ -29,12 +32,14 @@ Before timing, all paths run all their steps once on separate forks (the check b
 ``--check`` (before timing, on separate forks of the prefix): for ``WARMUP_STEPS + --steps`` steps
 every path is fed the same tokens (the graphs path's greedy choices, so one disagreement cannot
 make the rest diverge); the graph paths are compared with the same static plan run eagerly (what the
-capture must reproduce), the batched path with the one-by-one path. Their last-position logits must
-agree normwise (`NORM_TOL`: bf16 5e-2, fp32
-1e-4) at every step, and their greedy tokens must be equal, except at a near tie: where the batched
-logits of the two candidates differ by at most twice the largest logit difference between the two
-paths in that row (then that difference, which the tolerance allows, can swap them). Near ties are
-counted in the notes; any other disagreement makes the batched row WRONG (exit status 1).
+capture must reproduce; for ``graphs-compiled`` the same compiled forward run eagerly, and its
+distance to the uncompiled static plan is reported beside, unchecked: inductor's fused kernels keep
+float32 where the eager model rounds to bf16 between ops), the batched path with the one-by-one path.
+Their last-position logits must agree normwise (`NORM_TOL`: bf16 5e-2, fp32 1e-4) at every step, and
+their greedy tokens must be equal, except at a near tie: where the batched logits of the two
+candidates differ by at most twice the largest logit difference between the two paths in that row
+(then that difference, which the tolerance allows, can swap them). Near ties are counted in the
+notes; any other disagreement makes the batched row WRONG (exit status 1).
 ``--providers _wrong`` (tests only) perturbs the batched logits, which the check must catch.
 """
 
@@ -78,6 +83,18 @@ def _step_one_by_one(hf, model, threads, tok: torch.Tensor) -> torch.Tensor:
 def _step_graphs(runner):
     """The batched step as a CUDA-graph replay (`DecodeGraphs`; the static path run eagerly on CPU)."""
     return lambda hf, model, threads, tok: runner.decode(threads, tok)[:, -1]
+
+
+def _step_eager(runner):
+    """``runner``'s own static path without the capture (for a compiled runner: the same compiled
+    forward, run eagerly on the same buckets)."""
+    def step(hf, model, threads, tok):
+        graphs, runner.graphs = runner.graphs, False
+        try:
+            return runner.decode(threads, tok)[:, -1]
+        finally:
+            runner.graphs = graphs
+    return step
 
 
 def _release(threads) -> None:
@@ -162,11 +179,11 @@ def run(ctx: Ctx) -> None:
     wrong = "_wrong" in (a.providers or ())
     tol = NORM_TOL.get(ctx.dtype, 5e-2)
     dev, dt = ctx.device, str(ctx.dtype)[6:]
-    prog = Progress(2 * len(counts), NAME, not a.quiet)
+    prog = Progress(5 * len(counts), NAME, not a.quiet)
 
     model, cfg = build_model(ctx, layers, hq, hkv, d, attn_implementation="kvfuse")
     per_thread = -(-(warmup + steps) // page)
-    forks = 5  # the check's paths and references decode side by side, each on its own forks
+    forks = 8  # the check's paths and references decode side by side, each on its own forks
     num_pages = -(-P // page) + forks * max(counts) * per_thread + 3 * max(counts) + 2  # + scratch pages
     store = kvfuse.PagedKVStore.from_hf(cfg, num_pages, page, dtype=ctx.dtype, device=dev)
     gen = torch.Generator().manual_seed(0)
@@ -197,6 +214,9 @@ def run(ctx: Ctx) -> None:
             rows = [Result(NAME, case, "graphs", f"graphs: 1 CUDA-graph replay of {T} rows per step (DecodeGraphs)",
                            "ok", unit="tok/s", group=case, x=T, series="graphs",
                            note="the batched step captured once per bucket; the prefix read once" + floor),
+                    Result(NAME, case, "graphs-compiled", f"graphs, forward compiled: 1 replay of {T} rows per step",
+                           "ok", unit="tok/s", group=case, x=T, series="graphs-compiled",
+                           note="DecodeGraphs(compile=True): torch.compile (inductor) before the capture"),
                     Result(NAME, case, "graphs-rows", f"graphs, each row reading the prefix: {T} rows per step",
                            "ok", unit="tok/s", group=case, x=T, series="graphs-rows",
                            note="DecodeGraphs(shared_prefix=False)"),
@@ -206,24 +226,31 @@ def run(ctx: Ctx) -> None:
                     Result(NAME, case, BASELINE, f"one-by-one: {T} hf.decode calls of 1 row per step", "ok",
                            unit="tok/s", group=case, x=T, series="one-by-one")]
             runner = DecodeGraphs(model, store, max_batch=T)
+            compiled = DecodeGraphs(model, store, max_batch=T, compile=True)
             apart = DecodeGraphs(model, store, max_batch=T, shared_prefix=False)
             eager = DecodeGraphs(model, store, max_batch=T, graphs=False)  # the graphs' reference: no capture
-            steps_of = {"graphs": _step_graphs(runner), "graphs-rows": _step_graphs(apart), "batched": _step_batched,
+            steps_of = {"graphs": _step_graphs(runner), "graphs-compiled": _step_graphs(compiled),
+                        "graphs-rows": _step_graphs(apart), "batched": _step_batched,
                         BASELINE: _step_one_by_one}
             try:
                 tok0 = torch.randperm(cfg.vocab_size, generator=gen)[:T, None].to(dev)  # T distinct first tokens
                 # Every path over every step first (the check, or without --check an untimed priming
                 # pass): the timed steps then see no first-call costs at all (kernel variants a compiler
                 # specialises on lengths that change while decoding, graph captures).
-                checked = rows[:3]
+                checked = rows[:4]
                 static = _step_graphs(eager)
-                refs = [static, static, None]  # the graphs against the same static path run eagerly
+                # the graphs against the same static path run eagerly; the compiled graphs against the same
+                # compiled forward run eagerly (what the capture must reproduce), and, reported alongside,
+                # against the uncompiled static path (inductor's fused kernels round differently)
+                refs = [static, _step_eager(compiled), static, None]
                 results = check(hf, model, prefix, tok0, warmup + steps, tol, wrong,
-                                [steps_of[r.provider] for r in checked], refs)
+                                [steps_of[r.provider] for r in checked] + [steps_of["graphs-compiled"]],
+                                refs + [static])
                 for r, c, ref in zip(checked, results, refs):
                     if a.check:
                         r.checked, r.max_err = True, c["err"]
-                        against = "the same static plan run eagerly" if ref else "one-by-one"
+                        against = ("the same compiled forward run eagerly" if r.provider == "graphs-compiled" else
+                                   "the same static plan run eagerly" if ref else "one-by-one")
                         what = (f"vs {against}: logits normwise error {c['err']:.2g} (tol {tol:g}), greedy tokens "
                                 f"equal {c['equal']}/{c['total']}, {c['ties']} near ties")
                         if c["bad"]:
@@ -231,6 +258,10 @@ def run(ctx: Ctx) -> None:
                         if not c["ok"]:
                             r.status = "WRONG"
                             what += "; not timed"
+                        if r.provider == "graphs-compiled":
+                            u = results[-1]
+                            what += (f"; vs the uncompiled static plan (not a pass / fail check): normwise "
+                                     f"{u['err']:.2g}, greedy tokens equal {u['equal']}/{u['total']}")
                         r.note = "; ".join((r.note, what))
                 for r in rows:
                     prog.step(f"T={T} {r.provider}")
@@ -250,7 +281,7 @@ def run(ctx: Ctx) -> None:
                         r.status, r.note = "error", f"{type(e).__name__}: {msg}"
                 free_memory(dev, reset_compiled=False)
             finally:
-                for r in (runner, apart, eager):
+                for r in (runner, compiled, apart, eager):
                     r.close()
             speedups(rows, a.baseline or BASELINE)
             ctx.results.extend(rows)
@@ -267,13 +298,14 @@ def _print_summary(summary, ctx: Ctx) -> None:
     if len(summary) < 2:
         return
     print(f"\n### {NAME}: summary" + (" (CPU timings)" if ctx.cpu else ""))
-    print("| T | graphs ms/step | batched ms/step | one-by-one ms/step | graphs tok/s | graphs vs T=1 tok/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    base = next((g.value for T, (g, *_) in summary if T == 1 and g.value), None)
-    for T, (g, _, b, s) in summary:
-        scale = f"{g.value / base:.2f}×" if base and g.value else "–"
-        print(f"| {T} | {_fmt(g.ms, '.3g')} | {_fmt(b.ms, '.3g')} | {_fmt(s.ms, '.3g')} | {_fmt(g.value, ',.0f')} | "
-              f"{scale} |")
+    print("| T | graphs ms/step | graphs-compiled ms/step | batched ms/step | one-by-one ms/step "
+          "| graphs-compiled tok/s | graphs-compiled vs T=1 tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    base = next((c.value for T, (_, c, *_) in summary if T == 1 and c.value), None)
+    for T, (g, c, _, b, s) in summary:
+        scale = f"{c.value / base:.2f}×" if base and c.value else "–"
+        print(f"| {T} | {_fmt(g.ms, '.3g')} | {_fmt(c.ms, '.3g')} | {_fmt(b.ms, '.3g')} | {_fmt(s.ms, '.3g')} | "
+              f"{_fmt(c.value, ',.0f')} | {scale} |")
 
 
 def _fmt(x, spec: str) -> str:

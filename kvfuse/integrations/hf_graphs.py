@@ -84,8 +84,8 @@ class _StaticCache(KVFuseCache):
             raise UnsupportedModel("DecodeGraphs: bidirectional (non-causal) attention is not supported")
         b, hq, q, d = query.shape
         bk = self.bucket
-        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()
-        if attention_mask is not None and not capturing:
+        capturing = not torch.compiler.is_compiling() and query.is_cuda and torch.cuda.is_current_stream_capturing()
+        if attention_mask is not None and not capturing and not torch.compiler.is_compiling():
             _check_mask(attention_mask, q, bk.seq_length, window)
         k = layer.key.transpose(1, 2).reshape(b * q, *layer.key.shape[1::2])
         v = layer.value.transpose(1, 2).reshape(b * q, *layer.value.shape[1::2])
@@ -111,6 +111,7 @@ class _Bucket:
     graph: object = None
     logits: torch.Tensor | None = None
     seq_length: int = 0
+    warm: bool = False  # run eagerly once (compiled runners)
 
     @property
     def slots(self) -> torch.Tensor:
@@ -130,6 +131,13 @@ class DecodeGraphs:
             same static path eagerly.
         shared_prefix: read a long common prefix of sibling rows once per step (`kvfuse.batch_plan`'s
             automatic choice); ``False``: every row reads its own view.
+        compile: compile the step's forward with ``torch.compile`` (inductor, ``fullgraph=True``,
+            static shapes; a dict: more arguments of ``torch.compile``, e.g. ``{"mode":
+            "max-autotune-no-cudagraphs"}``) before it is captured: the model's norms, rotary embedding, activations and
+            K/V writes become a few fused kernels per layer. Each bucket compiles once (tens of seconds
+            for a large model). The cache then reports its capacity as its length, so that no step
+            specialises the compiled code to a length: transformers' mask (which the paged attention
+            does not read) is built for the capacity.
 
     `decode(rows, input_ids)` has `hf.decode`'s contract for one token per row: the rows grow by one
     token each (in place) and the logits ``[B, 1, vocab]`` are returned. A refused call (bad rows or
@@ -138,7 +146,7 @@ class DecodeGraphs:
     """
 
     def __init__(self, model, store: PagedKVStore, *, max_batch: int = 8, hogwild: bool = False,
-                 graphs: bool | None = None, shared_prefix: bool = True):
+                 graphs: bool | None = None, shared_prefix: bool = True, compile: bool | dict = False):
         if not isinstance(store, PagedKVStore):
             raise TypeError(f"DecodeGraphs: store must be a kvfuse.PagedKVStore, got {type(store).__name__}")
         config = getattr(model, "config", None)
@@ -163,6 +171,12 @@ class DecodeGraphs:
         self._scratch = store._alloc_ids(-(-self.max_batch // store.page_size))  # padded rows write here
         self._buckets: dict[tuple[str, int], _Bucket] = {}  # (layout, rows) -> bucket
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"DecodeGraphs: compile must be a bool or a dict of torch.compile arguments, got "
+                            f"{type(compile).__name__}")
+        opts = {"fullgraph": True, "dynamic": False, **(compile if isinstance(compile, dict) else {})}
+        self.compile = compile is not False
+        self._compiled = torch.compile(self._forward_eager, **opts) if self.compile else None
 
     def close(self) -> None:
         """Drop the graphs and give the scratch page back."""
@@ -269,9 +283,19 @@ class DecodeGraphs:
             t[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
         bk.table_buf.commit()
         bk.plan.load_(plan)
-        bk.seq_length = max(r for r in plan.kv_lens_list) - 1
+        bk.seq_length = bk.max_kv - 1 if self.compile else max(r for r in plan.kv_lens_list) - 1
 
     def _forward(self, bk: _Bucket) -> torch.Tensor:
+        if self._compiled is None:
+            return self._forward_eager(bk)
+        if not bk.warm:  # once eagerly first: checks the masks, makes the plan's tile maps (no tracing of that)
+            self._forward_eager(bk)
+            bk.warm = True
+        # one compiled entry per bucket (its own cache and buffers): as many entries as buckets are kept
+        with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(self._buckets))):
+            return self._compiled(bk)
+
+    def _forward_eager(self, bk: _Bucket) -> torch.Tensor:
         v = bk.inputs.views
         out = self.model(input_ids=v["input_ids"].long(), position_ids=v["position_ids"].long(), use_cache=True,
                          **{CACHE_KW: bk.cache})

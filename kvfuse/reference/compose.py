@@ -35,3 +35,13 @@ def compose_dense(k_cache, v_cache, segments, new_positions, cfg):
         vs.append(v)
     dim = -3
     return torch.cat(ks, dim), torch.cat(vs, dim)
+
+
+def write_kv_(k_cache, v_cache, slots, k, v, layer: int) -> None:
+    """K/V of ``n`` tokens into ``slots`` of the layer-stacked pools ``[L, P, page_size, H, D]``:
+    ``k`` / ``v`` ``[n, H, D]`` into ``layer``, or ``[L, n, H, D]`` into every layer (``layer`` -1);
+    cast to the pools' dtype."""
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        L, P, S, H, D = cache.shape
+        view = cache.view(L, P * S, H, D) if layer < 0 else cache[layer].view(1, P * S, H, D)
+        view[:, slots] = x.to(cache.dtype)

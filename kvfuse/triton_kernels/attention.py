@@ -35,15 +35,23 @@ LN2 = 0.6931471805599453
 DECODE_MAX_Q = 16
 
 
-def tile_shape(head_dim: int, max_q_len: int, group: int = 1) -> tuple[int, int]:
+def tile_shape(head_dim: int, max_q_len: int, group: int = 1, itemsize: int = 2) -> tuple[int, int]:
     """(block_q, block_k) the plan is classified with. Decode (few queries per sequence) takes
-    ``block_q`` = the next power of two of the query count; prefill takes 128×128 tiles (64×64 for
-    head_dim 256). Under the interpreter the tiles are 32 wide so small tests span many tiles."""
+    ``block_q`` = the next power of two of the query count; prefill takes tiles by the bytes of a row
+    (``head_dim * itemsize``, so that the pipelined K/V tiles fit in shared memory): 128×128 up to
+    256 bytes (16-bit head_dim 128), 64×64 up to 512 (head_dim 256, float32 128), 32×32 above
+    (float32 256). Under the interpreter the tiles are 32 wide so small tests span many tiles."""
     if max_q_len <= DECODE_MAX_Q:
         return triton.next_power_of_2(max(1, max_q_len)), 16 if interpreting() else 128
     if interpreting():
         return 32, 32
-    return (64, 64) if head_dim > 128 else (128, 128)
+    width = _width(head_dim, itemsize)
+    return (128, 128) if width <= 128 else (64, 64) if width <= 256 else (32, 32)
+
+
+def _width(head_dim: int, itemsize: int) -> int:
+    """The head_dim of 16-bit elements a row of ``head_dim`` elements of ``itemsize`` bytes is as wide as."""
+    return head_dim * itemsize // 2
 
 
 LN2_C = tl.constexpr(LN2)
@@ -251,8 +259,10 @@ def _configs(decode: bool, head_dim: int):
     elif head_dim <= 128:  # H200, 128x128 tiles: (8, 4) best with TMA, (8, 2) without
         # (bench/results/2026-11-22-h200-session2/prefill_sweep.md)
         cfgs = [(8, 4), (8, 3), (8, 2)]
-    else:
+    elif head_dim <= 256:
         cfgs = [(8, 2), (4, 2), (8, 3)]
+    else:  # float32 at head_dim 256, 32x32 tiles
+        cfgs = [(4, 2), (4, 1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in cfgs]
 
 
@@ -337,7 +347,7 @@ def segment_attention(q, k_cache, v_cache, block_table, kv_lens, qo_indptr, toke
     else:
         gp, hpp, bm, nsplit = 1, 1, block_q, 1
         grid = (hq, work, 1)
-    kernel, launch = _kernel(decode, d)
+    kernel, launch = _kernel(decode, _width(d, q.element_size()))
     tma = not decode and use_tma(k_cache, v_cache, block_k)
     k_arg, v_arg = (_descriptor(k_cache, block_k), _descriptor(v_cache, block_k)) if tma else (k_cache, v_cache)
     if nsplit > 1:
