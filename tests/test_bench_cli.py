@@ -46,7 +46,8 @@ def test_every_subcommand_runs(tmp_path, capsys, scenario):
     rc, data = _run(tmp_path, scenario, "--check", *TINY[scenario])
     if scenario == "generate":  # every path ran and was checked against sdpa
         rows = data["results"]
-        assert [r["provider"] for r in rows] == ["sdpa", "sdpa+static", "kvfuse", "kvfuse+static", "kvfuse+graphs"]
+        assert [r["provider"] for r in rows] == ["sdpa", "sdpa+static", "kvfuse", "kvfuse+static", "kvfuse+graphs",
+                                                 "kvfuse+graphs-compiled"]
         assert all(r["status"] == "ok" and (r["checked"] or r["provider"] == "sdpa") for r in rows)
     assert rc == 0
     text = capsys.readouterr().out
@@ -169,8 +170,8 @@ def test_threads_plot_draws_lines(tmp_path):
     assert png.stat().st_size > 0
     results = [common.Result(**r) for r in json.loads(js.read_text())["results"]]
     lines = report.plot_series(results)["threads"]["lines"]
-    assert set(lines) == {"graphs", "graphs-rows", "batched", "one-by-one"} and all([x for x, _ in p] == [1, 3]
-                                                                     for p in lines.values())
+    assert set(lines) == {"graphs", "graphs-compiled", "graphs-rows", "batched", "one-by-one"}
+    assert all([x for x, _ in p] == [1, 3] for p in lines.values())
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -215,21 +216,23 @@ def test_threads_rows_and_check(tmp_path, capsys, monkeypatch):
     rc, data = _run(tmp_path, "threads", "--check", *TINY["threads"])
     assert rc == 0
     rows = data["results"]
-    paths = ["graphs", "graphs-rows", "batched", "one-by-one"]
+    paths = ["graphs", "graphs-compiled", "graphs-rows", "batched", "one-by-one"]
     assert [(r["x"], r["provider"]) for r in rows] == [(x, p) for x in (1, 3) for p in paths]
     for r in rows:
         assert r["status"] == "ok" and r["unit"] == "tok/s" and r["ms"] > 0
         assert r["value"] == pytest.approx(r["x"] * 1000 / r["ms"])
         assert r["baseline"] == f"one-by-one: {r['x']} hf.decode calls of 1 row per step"
-    for g, a, b, s in (rows[0:4], rows[4:8]):
-        for r in (g, a, b):
+    for g, c, a, b, s in (rows[0:5], rows[5:10]):
+        for r in (g, c, a, b):
             assert r["checked"] and r["max_err"] < 1e-4  # fp32 on CPU: the paths agree to rounding
             n = r["x"] * (2 + threads.WARMUP_STEPS)
             assert f"greedy tokens equal {n}/{n}, 0 near ties" in r["note"]
             assert r["speedup"] == pytest.approx(s["ms"] / r["ms"])
+        assert "vs the same compiled forward run eagerly: logits normwise error 0 " in c["note"]
+        assert "vs the uncompiled static plan (not a pass / fail check)" in c["note"]
         assert s["speedup"] == pytest.approx(1.0) and not s["checked"]
     out = capsys.readouterr().out
-    assert "### threads: summary (CPU timings)" in out and "| T | graphs ms/step | batched ms/step |" in out
+    assert "### threads: summary (CPU timings)" in out and "| T | graphs ms/step | graphs-compiled ms/step |" in out
 
 
 def test_threads_check_catches_a_wrong_batched_path(tmp_path):
@@ -237,8 +240,8 @@ def test_threads_check_catches_a_wrong_batched_path(tmp_path):
     argv = [a if a != "1,3" else "2" for a in TINY["threads"]]
     rc, data = _run(tmp_path, "threads", "--check", "--providers", "_wrong", *argv)
     assert rc == 1
-    graphs, apart, batched, single = data["results"]
-    for r in (graphs, apart, batched):
+    graphs, compiled, apart, batched, single = data["results"]
+    for r in (graphs, compiled, apart, batched):
         assert r["status"] == "WRONG" and r["ms"] is None and "not timed" in r["note"]
     assert single["status"] == "ok" and single["ms"] > 0
 

@@ -7,7 +7,9 @@ greedily after a prompt of ``--context`` tokens (default 4096), batch 1. Paths, 
 * ``sdpa+static``: the same with ``cache_implementation="static"`` (transformers compiles the forward);
 * ``kvfuse``, ``kvfuse+static``: the same two with ``attn_implementation="kvfuse"``;
 * ``kvfuse+graphs``: the prompt prefilled into a `kvfuse.PagedKVStore` (`hf.prefill`), then one
-  `DecodeGraphs` replay per token (greedy, the same loop).
+  `DecodeGraphs` replay per token (greedy, the same loop); ``kvfuse+graphs-compiled`` the same with
+  the forward compiled before the capture (``DecodeGraphs(compile=True)``: as ``sdpa+static``, a
+  compiled forward replayed as a CUDA graph).
 
 ms per token: (time of a generate of ``1 + steps`` new tokens - time of one of 1 new token) / steps,
 median over ``REPEATS`` runs after one untimed run (compilation, graph capture); for ``kvfuse+graphs``
@@ -33,7 +35,7 @@ NAME = "generate"
 X_NAME = "context"
 REPEATS = 3
 BASELINE = "sdpa"
-PATHS = ("sdpa", "sdpa+static", "kvfuse", "kvfuse+static", "kvfuse+graphs")
+PATHS = ("sdpa", "sdpa+static", "kvfuse", "kvfuse+static", "kvfuse+graphs", "kvfuse+graphs-compiled")
 
 
 def _timed(ctx: Ctx, fn):
@@ -63,13 +65,13 @@ def _time_generate(ctx: Ctx, model, ids, steps: int, static: bool):
     return quantiles(per_token), out.sequences[0, ids.shape[1]:].tolist(), out.logits[0][0].float()
 
 
-def _time_graphs(ctx: Ctx, hf, model, cfg, ids, steps: int, page: int):
+def _time_graphs(ctx: Ctx, hf, model, cfg, ids, steps: int, page: int, compile: bool = False):
     import kvfuse
     from kvfuse.integrations.hf_graphs import DecodeGraphs
 
     n = ids.shape[1] + 2 * (steps + 1)
     store = kvfuse.PagedKVStore.from_hf(cfg, 2 * (-(-n // page)) + 2, page, dtype=ctx.dtype, device=ctx.device)
-    runner = DecodeGraphs(model, store, max_batch=1)
+    runner = DecodeGraphs(model, store, max_batch=1, compile=compile)
     try:
         times, tokens, first = [], [], None
         for timed in (False, True):  # an untimed pass first: the capture
@@ -125,8 +127,9 @@ def run(ctx: Ctx) -> None:
                 try:
                     impl, _, mode = p.partition("+")
                     model.set_attn_implementation(impl)
-                    if mode == "graphs":
-                        (r.ms, r.p20, r.p80), toks, first = _time_graphs(ctx, hf, model, cfg, ids, steps, page)
+                    if mode.startswith("graphs"):
+                        (r.ms, r.p20, r.p80), toks, first = _time_graphs(ctx, hf, model, cfg, ids, steps, page,
+                                                                         compile=mode == "graphs-compiled")
                     else:
                         (r.ms, r.p20, r.p80), toks, first = _time_generate(ctx, model, ids, steps, mode == "static")
                     r.value, r.timing = 1e3 / r.ms, f"CPU perf_counter around synchronised calls, {steps} tokens"
