@@ -203,3 +203,28 @@ def test_compiled_cuda_graph_replays_equal_the_compiled_eager_step():
         torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
         tok = same[:, -1].argmax(-1, keepdim=True)
     assert runner._buckets[("rows", 4)].graph is not None
+
+
+def test_a_model_that_does_not_pass_position_ids_is_refused_and_nothing_changes():
+    """A model whose attention does not receive position_ids (Persimmon) cannot show that it rotated the new
+    keys where the rows continue: refused by name at the first layer, the rows and pools as before."""
+    cfg = getattr(transformers, "PersimmonConfig", None)
+    if cfg is None:
+        pytest.skip("transformers has no Persimmon")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, partial_rotary_factor=0.5), attn_implementation="kvfuse").eval()
+    store = kvfuse.PagedKVStore.from_hf(model.config, num_pages=32, page_size=4)
+    rows = [store.sequence() for _ in range(2)]
+    L, H, D = store.num_layers, store.num_kv_heads, store.head_dim
+    for r in rows:
+        r.append_kv(torch.randn(L, 5, H, D), torch.randn(L, 5, H, D))
+    before = _state(rows), store.k_cache.clone(), store.v_cache.clone()
+    for compile in (False, True):
+        runner = DecodeGraphs(model, store, graphs=False, compile=compile)
+        with pytest.raises(hf.UnsupportedModel, match="persimmon does not pass position_ids"):
+            runner.decode(rows, torch.tensor([[3], [4]]))
+        assert _state(rows) == before[0]
+        assert torch.equal(store.k_cache, before[1]) and torch.equal(store.v_cache, before[2])
+        runner.close()

@@ -65,7 +65,9 @@ def _v(id, config, refuse=None, crashes="", **kwargs):
     return Variant(id, config, kwargs, refuse or {}, crashes)
 
 
-CHECK_NAMES = ("generate", "paged", "threads", "refusal")
+CHECK_NAMES = ("generate", "paged", "threads", "refusal", "graphs")
+# graphs: the static decode path compiled by torch.compile as well, for a few variants of different kinds
+COMPILED = {"llama", "qwen3_moe", "gemma2-softcap-sliding", "gemma3_text", "phi3-sliding", "gptj", "smollm3-nope"}
 
 
 def _refused(what, checks=CHECK_NAMES, exc=ValueError):
@@ -349,7 +351,31 @@ def check_refusal_eager(v: Variant, monkeypatch):
         ref(_ids((1, 2), 5), position_ids=cache.position_ids(2), **{hf.CACHE_KW: cache})
 
 
-CHECKS = {"generate": check_generate, "paged": check_paged, "threads": check_threads, "refusal": check_refusal}
+def check_graphs(v: Variant, monkeypatch):
+    """`DecodeGraphs`' static path (eagerly: the CPU has no CUDA graphs; compiled too for `COMPILED`): three
+    threads of a prefilled prefix, four one-token steps, against `hf.decode` one thread at a time (which
+    `check_threads` holds to the eager model), to 1e-4: its plan pads every row's keys to the bucket's
+    capacity, so float32 matmuls round differently (up to ~3e-5 seen, Nemotron)."""
+    from kvfuse.integrations.hf_graphs import DecodeGraphs
+
+    model = _model(v, "kvfuse")
+    for compile in (False, True) if v.id in COMPILED else (False,):
+        store = _store(model, 96)
+        prefix = store.sequence("prefix")
+        hf.prefill(model, prefix, _ids((1, PREFIX + 1), 3))
+        ref, rows = kvfuse.fork(prefix, 3), kvfuse.fork(prefix, 3)
+        runner = DecodeGraphs(model, store, graphs=False, compile=compile)
+        for step in range(4):
+            ids = _ids((3, 1), 30 + step)
+            want = torch.cat([hf.decode(model, [t], ids[i: i + 1]) for i, t in enumerate(ref)])
+            with _guarded(store, rows):
+                got = runner.decode(rows, ids)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # (its keys padded to the bucket's capacity)
+        runner.close()
+
+
+CHECKS = {"generate": check_generate, "paged": check_paged, "threads": check_threads, "refusal": check_refusal,
+          "graphs": check_graphs}
 
 
 def _attention_code(v: Variant) -> str:

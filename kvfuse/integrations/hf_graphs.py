@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import torch
 from transformers.cache_utils import Cache
@@ -39,7 +40,7 @@ from transformers.cache_utils import Cache
 from kvfuse._checks import check_int
 from kvfuse.attention import AttentionPlan, AttentionSpec, attention
 from kvfuse.batch import row_graphs, shared_view
-from kvfuse.integrations.hf import CACHE_KW, NAME, KVFuseCache, _check_mask, _options, _PagedLayer
+from kvfuse.integrations.hf import CACHE_KW, NAME, KVFuseCache, _check_mask, _model_name, _options, _PagedLayer
 from kvfuse.integrations.hf_config import UnsupportedModel, cache_shape, unsupported_attention
 from kvfuse.paged import OutOfPages
 from kvfuse.segments import Segment, SegmentGraph
@@ -82,6 +83,10 @@ class _StaticCache(KVFuseCache):
         window, softcap = _options(module, kwargs)
         if getattr(module, "is_causal", True) is False or kwargs.get("is_causal") is False:
             raise UnsupportedModel("DecodeGraphs: bidirectional (non-causal) attention is not supported")
+        if kwargs.get("position_ids") is None:  # as KVFuseCache: nothing shows the keys were rotated where the rows go
+            raise UnsupportedModel(f"DecodeGraphs: {_model_name(module)} does not pass position_ids to its attention, "
+                                   f"so kvfuse cannot check that it rotates the new keys at the positions the rows "
+                                   f"continue at")
         b, hq, q, d = query.shape
         bk = self.bucket
         capturing = not torch.compiler.is_compiling() and query.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -176,7 +181,8 @@ class DecodeGraphs:
                             f"{type(compile).__name__}")
         opts = {"fullgraph": True, "dynamic": False, **(compile if isinstance(compile, dict) else {})}
         self.compile = compile is not False
-        self._compiled = torch.compile(self._forward_eager, **opts) if self.compile else None
+        self._compiled = torch.compile(_own_copy(_step_forward), **opts) if self.compile else None
+        self._entries = 0  # buckets made for the compiled forward (each is one entry of its cache)
 
     def close(self) -> None:
         """Drop the graphs and give the scratch page back."""
@@ -291,15 +297,13 @@ class DecodeGraphs:
         if not bk.warm:  # once eagerly first: checks the masks, makes the plan's tile maps (no tracing of that)
             self._forward_eager(bk)
             bk.warm = True
-        # one compiled entry per bucket (its own cache and buffers): as many entries as buckets are kept
-        with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(self._buckets))):
-            return self._compiled(bk)
+            self._entries += 1
+        # one compiled entry per bucket made (its own cache and buffers), in a cache of this runner's own
+        with torch._dynamo.config.patch(recompile_limit=max(8, self._entries)):
+            return self._compiled(self.model, bk)
 
     def _forward_eager(self, bk: _Bucket) -> torch.Tensor:
-        v = bk.inputs.views
-        out = self.model(input_ids=v["input_ids"].long(), position_ids=v["position_ids"].long(), use_cache=True,
-                         **{CACHE_KW: bk.cache})
-        return out.logits
+        return _step_forward(self.model, bk)
 
     def _run(self, bk: _Bucket) -> torch.Tensor:
         if not self.graphs:
@@ -321,6 +325,21 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             bk.logits = self._forward(bk)
         bk.graph = graph
+
+
+def _step_forward(model, bk: _Bucket) -> torch.Tensor:
+    """The step's forward: one token per row of the bucket, its logits."""
+    v = bk.inputs.views
+    out = model(input_ids=v["input_ids"].long(), position_ids=v["position_ids"].long(), use_cache=True,
+                **{CACHE_KW: bk.cache})
+    return out.logits
+
+
+def _own_copy(fn):
+    """``fn`` with a code object of its own. torch.compile keeps its compiled entries, and counts them
+    against its recompile limit, per code object: each runner's entries (one per bucket) are then its
+    own, not shared with every other runner of the process, and go away with it."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _pow2(n: int) -> int:
