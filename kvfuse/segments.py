@@ -139,9 +139,9 @@ class SegmentGraph:
         return torch.repeat_interleave(torch.arange(self.num_segments, dtype=torch.int32), self.lengths)
 
     def token_positions(self) -> torch.Tensor:
-        """int64 [num_tokens]: RoPE position of every token."""
-        seg = self.token_segments().long()
-        return self.positions[seg] + torch.arange(self.num_tokens) - self.starts[seg]
+        """int64 [num_tokens]: RoPE position of every token (its segment's first position, plus its
+        offset in the segment)."""
+        return torch.repeat_interleave(self.positions - self.starts, self.lengths) + torch.arange(self.num_tokens)
 
     def dense_mask(self, q_tokens: torch.Tensor | None = None, k_tokens: torch.Tensor | None = None, *,
                    window: int | None = None):
