@@ -34,6 +34,12 @@ def _state(rows):
     return [(list(r.pages), list(r.segments)) for r in rows]
 
 
+def _assert_same_kv(rows, ref_rows):
+    for r, ref in zip(rows, ref_rows):
+        for got, want in zip(r.gather(), ref.gather()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _one_by_one(model, rows, tok):
     return torch.cat([hf.decode(model, [r], tok[i: i + 1]) for i, r in enumerate(rows)])
 
@@ -60,11 +66,7 @@ def test_static_path_equals_hf_decode_across_buckets_and_capacity_growth(arch, l
         tok = want[:, -1].argmax(-1, keepdim=True)
     key = ("shared" if layout == "shared" else "rows", 4)
     assert list(runner._buckets) == [key] and runner._buckets[key].max_kv == 512  # grew from 256
-    for r, ref in zip(rows, ref_rows):
-        k, v = r.gather()
-        k0, v0 = ref.gather()
-        torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+    _assert_same_kv(rows, ref_rows)
 
 
 def test_static_path_after_merge_and_with_a_sliding_window():
@@ -169,11 +171,7 @@ def test_compiled_static_path_equals_hf_decode_across_buckets_and_capacity_growt
             tok = want[:, -1].argmax(-1, keepdim=True)
     assert sorted(runner._buckets) == [("rows", 1), ("rows", 4)] and runner._buckets[("rows", 4)].max_kv == 512
     assert (store.k_cache.data_ptr(), store.v_cache.data_ptr()) == pools
-    for r, ref in zip(rows, ref_rows):
-        k, v = r.gather()
-        k0, v0 = ref.gather()
-        torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+    _assert_same_kv(rows, ref_rows)
 
 
 def test_compile_argument_is_checked():
