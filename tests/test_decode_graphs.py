@@ -177,8 +177,10 @@ def test_compiled_static_path_equals_hf_decode_across_buckets_and_capacity_growt
 def test_compile_argument_is_checked():
     model = _model("llama")
     store, *_ = _setup(model, 8, 1)
+    free = store.num_free
     with pytest.raises(TypeError, match="compile must be a bool or a dict"):
         DecodeGraphs(model, store, graphs=False, compile="max-autotune")
+    assert store.num_free == free  # no scratch page taken
 
 
 def test_compiled_cuda_graph_replays_equal_the_compiled_eager_step():

@@ -172,10 +172,6 @@ class DecodeGraphs:
         self.graphs = store.device.type == "cuda" if graphs is None else bool(graphs)
         if self.graphs and store.device.type != "cuda":
             raise ValueError("DecodeGraphs: graphs=True needs a store on a CUDA device")
-        self.buckets = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
-        self._scratch = store._alloc_ids(-(-self.max_batch // store.page_size))  # padded rows write here
-        self._buckets: dict[tuple[str, int], _Bucket] = {}  # (layout, rows) -> bucket
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"DecodeGraphs: compile must be a bool or a dict of torch.compile arguments, got "
                             f"{type(compile).__name__}")
@@ -183,6 +179,10 @@ class DecodeGraphs:
         self.compile = compile is not False
         self._compiled = torch.compile(_own_copy(_step_forward), **opts) if self.compile else None
         self._entries = 0  # buckets made for the compiled forward (each is one entry of its cache)
+        self.buckets = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
+        self._scratch = store._alloc_ids(-(-self.max_batch // store.page_size))  # padded rows write here
+        self._buckets: dict[tuple[str, int], _Bucket] = {}  # (layout, rows) -> bucket
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def close(self) -> None:
         """Drop the graphs and give the scratch page back."""
