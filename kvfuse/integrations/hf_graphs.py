@@ -185,11 +185,12 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def close(self) -> None:
-        """Drop the graphs and give the scratch page back."""
+        """Drop the graphs (and the compiled forward) and give the scratch page back."""
         if self._scratch is not None:
             self.store.decref(self._scratch)
             self._scratch = None
         self._buckets.clear()
+        self._compiled = None
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
