@@ -89,8 +89,9 @@ class _StaticCache(KVFuseCache):
                                    f"continue at")
         b, hq, q, d = query.shape
         bk = self.bucket
-        capturing = not torch.compiler.is_compiling() and query.is_cuda and torch.cuda.is_current_stream_capturing()
-        if attention_mask is not None and not capturing and not torch.compiler.is_compiling():
+        # masks are checked eagerly only (a compiled runner's first step of each bucket runs eagerly)
+        eager = not torch.compiler.is_compiling() and not (query.is_cuda and torch.cuda.is_current_stream_capturing())
+        if attention_mask is not None and eager:
             _check_mask(attention_mask, q, bk.seq_length, window)
         k = layer.key.transpose(1, 2).reshape(b * q, *layer.key.shape[1::2])
         v = layer.value.transpose(1, 2).reshape(b * q, *layer.value.shape[1::2])
@@ -138,11 +139,11 @@ class DecodeGraphs:
             automatic choice); ``False``: every row reads its own view.
         compile: compile the step's forward with ``torch.compile`` (inductor, ``fullgraph=True``,
             static shapes; a dict: more arguments of ``torch.compile``, e.g. ``{"mode":
-            "max-autotune-no-cudagraphs"}``) before it is captured: the model's norms, rotary embedding, activations and
-            K/V writes become a few fused kernels per layer. Each bucket compiles once (tens of seconds
-            for a large model). The cache then reports its capacity as its length, so that no step
-            specialises the compiled code to a length: transformers' mask (which the paged attention
-            does not read) is built for the capacity.
+            "max-autotune-no-cudagraphs"}``) before it is captured: the model's norms, rotary
+            embedding, activations and K/V writes become a few fused kernels per layer. Each bucket
+            compiles once (tens of seconds for a large model). The cache then reports its capacity
+            as its length, so that no step specialises the compiled code to a length: transformers'
+            mask (which the paged attention does not read) is built for the capacity.
 
     `decode(rows, input_ids)` has `hf.decode`'s contract for one token per row: the rows grow by one
     token each (in place) and the logits ``[B, 1, vocab]`` are returned. A refused call (bad rows or

@@ -42,6 +42,4 @@ def write_kv_(k_cache, v_cache, slots, k, v, layer: int) -> None:
     ``k`` / ``v`` ``[n, H, D]`` into ``layer``, or ``[L, n, H, D]`` into every layer (``layer`` -1);
     cast to the pools' dtype."""
     for cache, x in ((k_cache, k), (v_cache, v)):
-        L, P, S, H, D = cache.shape
-        view = cache.view(L, P * S, H, D) if layer < 0 else cache[layer].view(1, P * S, H, D)
-        view[:, slots] = x.to(cache.dtype)
+        slot_view(cache if layer < 0 else cache[layer])[:, slots] = x.to(cache.dtype)
