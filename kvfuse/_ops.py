@@ -126,8 +126,22 @@ def _(v_a, s_a, v_b, s_b, backend):
     return torch.empty_like(v_a), torch.empty_like(s_a)
 
 
+def _small_mm(x: Tensor, weights: list[Tensor], biases: list[Tensor], backend: str) -> list[Tensor]:
+    """``x @ w.T (+ b)`` per weight for a few rows of ``x`` (``biases`` empty: none)."""
+    return implementation("small_mm", backend)(x, weights, biases)
+
+
+_small_mm_op = torch.library.custom_op("kvfuse::small_mm", _small_mm, mutates_args=())
+
+
+@_small_mm_op.register_fake
+def _(x, weights, biases, backend):
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+
+
 rerotate_op = _entry(_rerotate_op, _rerotate, mutated=(0,))
 compose_copy_op = _entry(_compose_copy_op, _compose_copy, mutated=(0, 1))
 segment_attention_op = _entry(_segment_attention_op, _segment_attention)
 write_kv_op = _entry(_write_kv_op, _write_kv, mutated=(0, 1))
 merge_states_op = _entry(_merge_states_op, _merge_states)
+small_mm_op = _entry(_small_mm_op, _small_mm)

@@ -41,6 +41,7 @@ ORDER = {
     "segment_attention": _attention_order,
     "merge_states": ("cuda", "triton", "torch"),
     "write_kv_": ("triton", "torch"),  # one launch for K and V of a step's tokens (two indexed assignments in torch)
+    "small_mm": ("triton", "torch"),
 }
 
 
@@ -61,7 +62,8 @@ _LOADED: set[str] = set()  # backends whose module was imported (or failed to im
 _LOAD_LOCK = threading.RLock()  # the first dispatch of two threads: both wait until the backend is loaded
 # the public names `available` takes, and the registered op each runs
 PUBLIC_OPS = {"rerotate": "rerotate_", "rerotate_": "rerotate_", "compose": "compose_copy_",
-              "attention": "segment_attention", "merge_states": "merge_states", "write_kv_": "write_kv_"}
+              "attention": "segment_attention", "merge_states": "merge_states", "write_kv_": "write_kv_",
+              "small_mm": "small_mm"}
 
 
 def register(op: str, backend: str, reasons: Callable[..., list[str]] | None = None, **meta):

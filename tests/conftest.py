@@ -42,4 +42,14 @@ def pool_randn(shape, dtype, device):
     return torch.randn(shape, dtype=torch.float32, device=device).to(dtype)
 
 
-__all__ = ["BACKENDS", "TOL", "device_for", "skip_unless_supported", "pool_randn", "kvfuse"]
+def no_compile_caches(monkeypatch):
+    """No inductor / AOT autograd cache hits: a graph compiled by an earlier test or run would not go
+    through the graph passes a test watches."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+
+
+__all__ = ["BACKENDS", "TOL", "device_for", "skip_unless_supported", "pool_randn", "no_compile_caches", "kvfuse"]

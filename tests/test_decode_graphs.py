@@ -5,6 +5,7 @@ import torch
 
 import kvfuse
 from kvfuse.static_plan import StaticPlan
+from tests.conftest import no_compile_caches
 from tests.hf_utils import small_config
 
 transformers = pytest.importorskip("transformers")
@@ -12,11 +13,13 @@ from kvfuse.integrations import hf  # noqa: E402
 from kvfuse.integrations.hf_graphs import DecodeGraphs  # noqa: E402
 
 
-def _model(arch, device="cpu", dtype=torch.float32, window=None):
+def _model(arch, device="cpu", dtype=torch.float32, window=None, vocab=None):
     torch.manual_seed(0)
     cfg = small_config(arch)
     if window:
         cfg.sliding_window = window
+    if vocab:
+        cfg.vocab_size = vocab
     m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="kvfuse")
     return m.to(device=device, dtype=dtype).eval()
 
@@ -174,12 +177,55 @@ def test_compiled_static_path_equals_hf_decode_across_buckets_and_capacity_growt
     _assert_same_kv(rows, ref_rows)
 
 
+def test_compiled_step_routes_the_projections_to_small_mm(monkeypatch):
+    """bf16, ``compile=True``: the compiled forward's every projection (q / k / v, o, gate / up, down per
+    layer, and the LM head) runs on `kvfuse.small_mm` in 4 launches per layer plus one; the logits and
+    K/V stay within bf16 rounding of the same runner with ``small_mm=False`` (cuBLAS / torch's matmul)
+    and of hf.decode."""
+    from kvfuse import small_mm as mod
+
+    if not mod.available() or not (torch.cuda.is_available() or kvfuse.triton_kernels._common.interpreting()):
+        pytest.skip("the small_mm pass needs triton on a GPU (or TRITON_INTERPRET=1) and torch's inductor passes")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seen, real = [], mod.rewrite
+
+    def spy(graph, backend="triton"):
+        n = real(graph, backend)
+        seen.append((n, sum(node.target is torch.ops.kvfuse.small_mm.default for node in graph.nodes)))
+        return n
+
+    monkeypatch.setattr(mod, "rewrite", spy)
+    no_compile_caches(monkeypatch)  # a cached graph would skip the passes
+    # a vocabulary of a multiple of 8: inductor pads the LM head's matmul otherwise (on a GPU), which the
+    # pass then leaves to cuBLAS
+    model = _model("llama", device=dev, dtype=torch.bfloat16, vocab=128)
+    store, prompt, ref_rows, rows = _setup(model, 30, 2, page_size=8)
+    plain_rows = kvfuse.fork(prompt, 2)
+    torch._dynamo.reset()
+    runner = DecodeGraphs(model, store, graphs=False, compile=True)
+    plain = DecodeGraphs(model, store, graphs=False, compile=True, small_mm=False)
+    tok = torch.randint(0, model.config.vocab_size, (2, 1), device=dev)
+    for _ in range(3):
+        want = _one_by_one(model, ref_rows, tok)
+        base = plain.decode(plain_rows, tok)
+        got = runner.decode(rows, tok)
+        torch.testing.assert_close(got.float(), base.float(), rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+        tok = base[:, -1].argmax(-1, keepdim=True)
+    layers = model.config.num_hidden_layers
+    assert seen == [(7 * layers + 1, 4 * layers + 1)]  # products, launches; the small_mm=False runner: no pass
+    for r, ref in zip(rows, plain_rows):
+        torch.testing.assert_close(r.gather()[0].float(), ref.gather()[0].float(), rtol=3e-2, atol=3e-2)
+
+
 def test_compile_argument_is_checked():
     model = _model("llama")
     store, *_ = _setup(model, 8, 1)
     free = store.num_free
     with pytest.raises(TypeError, match="compile must be a bool or a dict"):
         DecodeGraphs(model, store, graphs=False, compile="max-autotune")
+    with pytest.raises(TypeError, match="small_mm must be a bool"):
+        DecodeGraphs(model, store, graphs=False, compile=True, small_mm="triton")
     assert store.num_free == free  # no scratch page taken
 
 

@@ -19,6 +19,7 @@ from kvfuse.triton_kernels import attention as _attention
 from kvfuse.triton_kernels import compose as _compose
 from kvfuse.triton_kernels import merge_states as _merge
 from kvfuse.triton_kernels import rerotate as _rerotate
+from kvfuse.triton_kernels import small_mm as _small_mm
 from kvfuse.triton_kernels import write_kv as _write_kv
 from kvfuse.triton_kernels._common import interpreting
 
@@ -84,9 +85,23 @@ def _write_reasons(k_cache=None, **_) -> list[str]:
     return [] if k_cache is None else _cache_reasons("k_cache", k_cache)
 
 
+def _small_mm_reasons(x=None, weights=None, **_) -> list[str]:
+    if x is None:
+        return []
+    why = _device_reasons(x)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        why.append(f"x dtype {x.dtype} is not float16/bfloat16")
+    if x.shape[0] > _small_mm.MAX_ROWS:
+        why.append(f"x has {x.shape[0]} rows, the kernel takes at most {_small_mm.MAX_ROWS}")
+    if weights is not None and len(weights) > _small_mm.MAX_GROUPS:
+        why.append(f"{len(weights)} weights, the kernel takes at most {_small_mm.MAX_GROUPS} per launch")
+    return why
+
+
 register("rerotate_", "triton", reasons=_rope_reasons)(_rerotate.rerotate_)
 register("compose_copy_", "triton", reasons=_rope_reasons)(_compose.compose_copy_)
 register("segment_attention", "triton", reasons=_attention_reasons,
          tile_shape=_attention.tile_shape)(_attention.segment_attention)
 register("merge_states", "triton", reasons=_merge_reasons)(_merge.merge_states)
 register("write_kv_", "triton", reasons=_write_reasons)(_write_kv.write_kv_)
+register("small_mm", "triton", reasons=_small_mm_reasons)(_small_mm.small_mm)

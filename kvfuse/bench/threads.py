@@ -10,7 +10,8 @@ of `PREFILL_CHUNK` tokens). Then, for every T of ``--threads`` (default 1,2,4,8)
   static path runs eagerly).
 * ``graphs-compiled``: the same with the step's forward compiled by ``torch.compile`` before the
   capture (``DecodeGraphs(compile=True)``: inductor fuses the model's norms, rotary embedding and
-  activations; the compile time of each bucket is paid in the untimed first pass).
+  activations, and the projections run on `kvfuse.small_mm`; the compile time of each bucket is paid
+  in the untimed first pass).
 * ``graphs-rows``: the same with every row reading the prefix itself (``shared_prefix=False``): the
   attention reads the prefix's K/V T times per step instead of once.
 * ``batched``: T threads forked from the prefix (`kvfuse.fork`, no copy) decode greedily with ONE
@@ -216,7 +217,8 @@ def run(ctx: Ctx) -> None:
                            note="the batched step captured once per bucket; the prefix read once" + floor),
                     Result(NAME, case, "graphs-compiled", f"graphs, forward compiled: 1 replay of {T} rows per step",
                            "ok", unit="tok/s", group=case, x=T, series="graphs-compiled",
-                           note="DecodeGraphs(compile=True): torch.compile (inductor) before the capture"),
+                           note="DecodeGraphs(compile=True): torch.compile (inductor) before the capture, "
+                                "projections on kvfuse.small_mm"),
                     Result(NAME, case, "graphs-rows", f"graphs, each row reading the prefix: {T} rows per step",
                            "ok", unit="tok/s", group=case, x=T, series="graphs-rows",
                            note="DecodeGraphs(shared_prefix=False)"),

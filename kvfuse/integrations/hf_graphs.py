@@ -44,6 +44,7 @@ from kvfuse.integrations.hf import CACHE_KW, NAME, KVFuseCache, _check_mask, _mo
 from kvfuse.integrations.hf_config import UnsupportedModel, cache_shape, unsupported_attention
 from kvfuse.paged import OutOfPages
 from kvfuse.segments import Segment, SegmentGraph
+from kvfuse.small_mm import compile_pass
 from kvfuse.static_plan import StaticPlan, _Buffers
 from kvfuse.store import PagedKVStore, PagedSequence
 from kvfuse.threads import _check_rows
@@ -144,6 +145,10 @@ class DecodeGraphs:
             compiles once (tens of seconds for a large model). The cache then reports its capacity
             as its length, so that no step specialises the compiled code to a length: transformers'
             mask (which the paged attention does not read) is built for the capacity.
+        small_mm: with ``compile``, route the compiled forward's projections (``nn.Linear`` of at most
+            16 rows: every weight of a decode step) to `kvfuse.small_mm.small_mm`'s Triton kernel,
+            up to three products of one input per launch (q / k / v, gate / up), instead of cuBLAS
+            (`kvfuse.small_mm.SmallMMPass`); ignored without ``compile`` or where Triton cannot run.
 
     `decode(rows, input_ids)` has `hf.decode`'s contract for one token per row: the rows grow by one
     token each (in place) and the logits ``[B, 1, vocab]`` are returned. A refused call (bad rows or
@@ -152,7 +157,8 @@ class DecodeGraphs:
     """
 
     def __init__(self, model, store: PagedKVStore, *, max_batch: int = 8, hogwild: bool = False,
-                 graphs: bool | None = None, shared_prefix: bool = True, compile: bool | dict = False):
+                 graphs: bool | None = None, shared_prefix: bool = True, compile: bool | dict = False,
+                 small_mm: bool = True):
         if not isinstance(store, PagedKVStore):
             raise TypeError(f"DecodeGraphs: store must be a kvfuse.PagedKVStore, got {type(store).__name__}")
         config = getattr(model, "config", None)
@@ -178,6 +184,9 @@ class DecodeGraphs:
                             f"{type(compile).__name__}")
         opts = {"fullgraph": True, "dynamic": False, **(compile if isinstance(compile, dict) else {})}
         self.compile = compile is not False
+        if not isinstance(small_mm, bool):
+            raise TypeError(f"DecodeGraphs: small_mm must be a bool, got {type(small_mm).__name__}")
+        self.small_mm = small_mm
         self._compiled = torch.compile(_own_copy(_step_forward), **opts) if self.compile else None
         self._entries = 0  # buckets made for the compiled forward (each is one entry of its cache)
         self.buckets = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
@@ -301,7 +310,7 @@ class DecodeGraphs:
             bk.warm = True
             self._entries += 1
         # one compiled entry per bucket made (its own cache and buffers), in a cache of this runner's own
-        with torch._dynamo.config.patch(recompile_limit=max(8, self._entries)):
+        with torch._dynamo.config.patch(recompile_limit=max(8, self._entries)), compile_pass(self.small_mm):
             return self._compiled(self.model, bk)
 
     def _forward_eager(self, bk: _Bucket) -> torch.Tensor:

@@ -8,6 +8,7 @@ from kvfuse.reference.compose import compose_copy_, compose_dense, write_kv_
 from kvfuse.reference.merge_states import merge_states
 from kvfuse.reference.rerotate import rerotate_
 from kvfuse.reference.rope import apply_rope, rotate
+from kvfuse.reference.small_mm import small_mm
 
 __all__ = ["apply_rope", "rotate", "rerotate_", "compose_copy_", "compose_dense", "segment_attention", "merge_states",
-           "write_kv_"]
+           "small_mm", "write_kv_"]
