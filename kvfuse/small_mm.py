@@ -187,8 +187,11 @@ if CustomGraphPass is not None:
 
         def uuid(self):
             from kvfuse.triton_kernels import small_mm as kernel
+            from kvfuse.triton_kernels._common import interpreting
 
-            return get_hash_for_files((__file__, kernel.__file__))
+            # what the pass does depends on its sources, and on the interpreter (CPU products are routed
+            # under it only): a graph cached without it must not be reused with it, nor the reverse
+            return get_hash_for_files((__file__, kernel.__file__)), interpreting()
 
     class _Chain(CustomGraphPass):
         """Two post-grad passes in order (one already configured, then kvfuse's)."""

@@ -177,11 +177,17 @@ def test_compiled_static_path_equals_hf_decode_across_buckets_and_capacity_growt
     _assert_same_kv(rows, ref_rows)
 
 
-def test_compiled_step_routes_the_projections_to_small_mm(monkeypatch):
-    """bf16, ``compile=True``: the compiled forward's every projection (q / k / v, o, gate / up, down per
-    layer, and the LM head) runs on `kvfuse.small_mm` in 4 launches per layer plus one; the logits and
-    K/V stay within bf16 rounding of the same runner with ``small_mm=False`` (cuBLAS / torch's matmul)
-    and of hf.decode."""
+# per layer: products, launches (q / k / v in one, with Qwen2's biases; gate / up in one; GPT-NeoX's
+# fused q/k/v, output and two MLP products all with a bias, of two different norms); plus the LM head
+ROUTED = {"llama": (7, 4), "qwen2": (7, 4), "gpt_neox": (4, 4)}
+
+
+@pytest.mark.parametrize("arch", sorted(ROUTED))
+def test_compiled_step_routes_the_projections_to_small_mm(arch, monkeypatch):
+    """bf16, ``compile=True``: the compiled forward's every projection (and the LM head) runs on
+    `kvfuse.small_mm`, products of one input grouped into one launch; the logits and K/V stay within
+    bf16 rounding of the same runner with ``small_mm=False`` (cuBLAS / torch's matmul) and of
+    hf.decode."""
     from kvfuse import small_mm as mod
 
     if not mod.available() or not (torch.cuda.is_available() or kvfuse.triton_kernels._common.interpreting()):
@@ -198,7 +204,7 @@ def test_compiled_step_routes_the_projections_to_small_mm(monkeypatch):
     no_compile_caches(monkeypatch)  # a cached graph would skip the passes
     # a vocabulary of a multiple of 8: inductor pads the LM head's matmul otherwise (on a GPU), which the
     # pass then leaves to cuBLAS
-    model = _model("llama", device=dev, dtype=torch.bfloat16, vocab=128)
+    model = _model(arch, device=dev, dtype=torch.bfloat16, vocab=128)
     store, prompt, ref_rows, rows = _setup(model, 30, 2, page_size=8)
     plain_rows = kvfuse.fork(prompt, 2)
     torch._dynamo.reset()
@@ -213,7 +219,8 @@ def test_compiled_step_routes_the_projections_to_small_mm(monkeypatch):
         torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
         tok = base[:, -1].argmax(-1, keepdim=True)
     layers = model.config.num_hidden_layers
-    assert seen == [(7 * layers + 1, 4 * layers + 1)]  # products, launches; the small_mm=False runner: no pass
+    products, launches = ROUTED[arch]
+    assert seen == [(products * layers + 1, launches * layers + 1)]  # the small_mm=False runner: no pass
     for r, ref in zip(rows, plain_rows):
         torch.testing.assert_close(r.gather()[0].float(), ref.gather()[0].float(), rtol=3e-2, atol=3e-2)
 

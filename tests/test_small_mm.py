@@ -93,11 +93,11 @@ class _Block(torch.nn.Module):
     """q / k / v of one input, an output projection with a bias, then one more: five products, three
     launches."""
 
-    def __init__(self):
+    def __init__(self, qkv_bias: bool = False):
         super().__init__()
-        self.q = torch.nn.Linear(64, 64, bias=False)
-        self.k = torch.nn.Linear(64, 16, bias=False)
-        self.v = torch.nn.Linear(64, 16, bias=False)
+        self.q = torch.nn.Linear(64, 64, bias=qkv_bias)
+        self.k = torch.nn.Linear(64, 16, bias=qkv_bias)
+        self.v = torch.nn.Linear(64, 16, bias=qkv_bias)
         self.o = torch.nn.Linear(64, 64)
         self.up = torch.nn.Linear(64, 96, bias=False)
 
@@ -125,10 +125,11 @@ def _spy(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("rows, routed", [(3, True), (17, False)])
-def test_the_compile_pass_routes_few_row_projections(rows, routed, monkeypatch):
+@pytest.mark.parametrize("rows, routed, qkv_bias", [(3, True, False), (3, True, True), (17, False, False)])
+def test_the_compile_pass_routes_few_row_projections(rows, routed, qkv_bias, monkeypatch):
     """torch.compile with `compile_pass`: five ``nn.Linear`` products of 3 rows become three launches
-    (q / k / v grouped), and the result is the eager module's; at 17 rows nothing is rewritten."""
+    (q / k / v grouped, with or without their biases), and the result is the eager module's; at 17
+    rows nothing is rewritten."""
     dev = device_for("triton")
     from kvfuse.small_mm import available, compile_pass
 
@@ -136,7 +137,7 @@ def test_the_compile_pass_routes_few_row_projections(rows, routed, monkeypatch):
         pytest.skip("the pass needs torch's custom inductor passes and triton")
     seen = _spy(monkeypatch)
     torch.manual_seed(0)
-    m = _Block().to(device=dev, dtype=torch.bfloat16)
+    m = _Block(qkv_bias).to(device=dev, dtype=torch.bfloat16)
     x = torch.randn(rows, 1, 64, device=dev).to(torch.bfloat16)
     torch._dynamo.reset()
     with torch.no_grad():

@@ -100,6 +100,8 @@ def small_mm(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Te
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
+    weights = [w if w.is_contiguous() else w.contiguous() for w in weights]  # a compiled graph's are already
+    biases = [b if b.is_contiguous() else b.contiguous() for b in biases]
     ns = [w.shape[0] for w in weights]
     ys = [x.new_empty(m, n) for n in ns]
     if m == 0 or sum(ns) == 0:
