@@ -28,7 +28,8 @@ def _traced(args) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return True
     grad = torch.is_grad_enabled()
-    return any(isinstance(a, Tensor) and (type(a) is not Tensor or (grad and a.requires_grad)) for a in args)
+    flat = [x for a in args for x in (a if isinstance(a, (list, tuple)) else (a,))]  # small_mm's weight lists
+    return any(isinstance(a, Tensor) and (type(a) is not Tensor or (grad and a.requires_grad)) for a in flat)
 
 
 def _entry(op, fn, mutated: tuple[int, ...] = ()):

@@ -67,6 +67,9 @@ def small_mm(x: Tensor, weights: list[Tensor] | tuple[Tensor, ...], biases: list
             check_tensor(f"biases[{i}]", biases[i], ndim=1, dtype=x.dtype, device=x.device)
             if biases[i].shape[0] != w.shape[0] or not biases[i].is_contiguous():
                 raise ValueError(f"biases[{i}] must be a contiguous [{w.shape[0]}], got {tuple(biases[i].shape)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *(biases or ()))):
+        raise ValueError("small_mm has no backward: x, weights and biases must not require grad (call it "
+                         "under torch.no_grad(), or use torch.nn.functional.linear)")
     b = choose("small_mm", backend, x=x, weights=weights)
     return _ops.small_mm_op(x, list(weights), list(biases or []), b)
 
@@ -176,6 +179,10 @@ try:
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 except ImportError:  # an older torch: compiled forwards keep their matmuls
     CustomGraphPass = None
+try:  # a torch whose post-grad hook takes a list of passes
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+except ImportError:
+    get_custom_graph_passes = None
 
 
 if CustomGraphPass is not None:
@@ -189,23 +196,9 @@ if CustomGraphPass is not None:
             from kvfuse.triton_kernels import small_mm as kernel
             from kvfuse.triton_kernels._common import interpreting
 
-            # what the pass does depends on its sources, and on the interpreter (CPU products are routed
-            # under it only): a graph cached without it must not be reused with it, nor the reverse
-            return get_hash_for_files((__file__, kernel.__file__)), interpreting()
-
-    class _Chain(CustomGraphPass):
-        """Two post-grad passes in order (one already configured, then kvfuse's)."""
-
-        def __init__(self, first, second):
-            self.first, self.second = first, second
-
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            self.first(graph)
-            self.second(graph)
-
-        def uuid(self):
-            ids = [p.uuid() if hasattr(p, "uuid") else None for p in (self.first, self.second)]
-            return None if None in ids else tuple(ids)
+            # what the pass does depends on its sources and the op's schema, and on the interpreter (CPU
+            # products are routed under it only): a graph cached without it must not be reused with it
+            return get_hash_for_files((__file__, kernel.__file__, _ops.__file__)), interpreting()
 else:
     SmallMMPass = None
 
@@ -219,16 +212,24 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def compile_pass(enabled: bool = True):
-    """While active, inductor compilations route few-row products to `small_mm` (after any
-    post-grad pass already configured). A no-op when disabled or not `available`."""
+    """While active, inductor compilations route few-row products to `small_mm`, after any post-grad
+    pass already configured (``torch._inductor.config.post_grad_custom_post_pass``; with a torch
+    whose hook takes one pass only, an already configured pass is left alone and kvfuse's is not
+    added). A no-op when disabled or not `available`. It patches inductor's process-wide config for
+    its duration: compilations in other threads meanwhile see it too."""
     if not enabled or not available():
         yield
         return
     import torch._inductor.config as cfg
 
     current = cfg.post_grad_custom_post_pass
-    mine = SmallMMPass()
-    with cfg.patch(post_grad_custom_post_pass=mine if current is None else _Chain(current, mine)):
+    if current is None:
+        passes = SmallMMPass()
+    elif get_custom_graph_passes is not None:
+        passes = (*get_custom_graph_passes(current), SmallMMPass())
+    else:
+        passes = current
+    with cfg.patch(post_grad_custom_post_pass=passes):
         yield
 
 

@@ -228,7 +228,11 @@ class DecodeGraphs:
         undo = [r.snapshot() for r in rows]
         try:
             positions = [r.next_position for r in rows]
-            slots = torch.cat([r.reserve(1, on_host=True) for r in rows])
+            ps = self.store.page_size
+            slots = []  # `reserve(1)` of each row, its slot as a Python int (no tensors per row)
+            for r in rows:
+                start = r._grow(1)
+                slots.append(r.pages[start // ps] * ps + start % ps)
             key, plan, tables, pad_slots = self._step_plan(rows, size)
             bucket = self._bucket(key, plan, tables)
             self._load(bucket, plan, tables, input_ids, positions, slots, pad_slots)
@@ -287,10 +291,9 @@ class DecodeGraphs:
         if not on_dev:
             h["input_ids"][:B].copy_(input_ids)
         h["input_ids"][B:] = 0
-        h["position_ids"][:B, 0] = torch.tensor(positions, dtype=torch.int32)
-        h["position_ids"][B:] = 0
-        h["slots"][:B] = slots.to(torch.int32)
-        h["slots"][B:] = torch.tensor(pad_slots, dtype=torch.int32)
+        n_pad = h["slots"].shape[0] - B
+        h["position_ids"][:, 0] = torch.tensor(positions + [0] * n_pad, dtype=torch.int32)
+        h["slots"][:] = torch.tensor(slots + list(pad_slots), dtype=torch.int32)
         bk.inputs.commit()
         if on_dev:  # ids the previous step computed on the device: copied there, no wait for that step
             bk.inputs.views["input_ids"][:B].copy_(input_ids)

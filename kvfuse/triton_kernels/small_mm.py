@@ -60,14 +60,15 @@ def _small_mm_kernel(x_ptr, w0, w1, w2, b0, b1, b2, y0, y1, y2, M, K, sxm, n0, n
     else:
         m = tl.arange(0, BM)
         m_ok = m < M
+        x_rows = x_ptr + m.to(tl.int64) * sxm  # a strided input (e.g. the last token of each row) may be far apart
         acc = tl.zeros([BM, BN], tl.float32)
         for k0 in tl.range(0, K, BK, num_stages=STAGES):
             k = k0 + kk
             if EVEN_K:
-                x = tl.load(x_ptr + m[:, None] * sxm + k[None, :], mask=m_ok[:, None], other=0.0)
+                x = tl.load(x_rows[:, None] + k[None, :], mask=m_ok[:, None], other=0.0)
                 w = tl.load(w_rows[None, :] + k[:, None], mask=n_ok[None, :], other=0.0)
             else:
-                x = tl.load(x_ptr + m[:, None] * sxm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+                x = tl.load(x_rows[:, None] + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
                 w = tl.load(w_rows[None, :] + k[:, None], mask=n_ok[None, :] & (k < K)[:, None], other=0.0)
             acc = _dot(x, w, "tf32", INTERP, acc)
         if HAS_BIAS:
