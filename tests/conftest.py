@@ -42,14 +42,16 @@ def pool_randn(shape, dtype, device):
     return torch.randn(shape, dtype=torch.float32, device=device).to(dtype)
 
 
-def no_compile_caches(monkeypatch):
+@pytest.fixture
+def no_compile_caches():
     """No inductor / AOT autograd cache hits: a graph compiled by an earlier test or run would not go
-    through the graph passes a test watches."""
+    through the graph passes a test watches. (torch's config modules are patched with their own
+    ``patch``: pytest's monkeypatch deletes, and so hides, a config entry when it undoes.)"""
     import torch._functorch.config
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
 
 
-__all__ = ["BACKENDS", "TOL", "device_for", "skip_unless_supported", "pool_randn", "no_compile_caches", "kvfuse"]
+__all__ = ["BACKENDS", "TOL", "device_for", "skip_unless_supported", "pool_randn", "kvfuse"]

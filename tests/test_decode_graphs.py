@@ -5,7 +5,6 @@ import torch
 
 import kvfuse
 from kvfuse.static_plan import StaticPlan
-from tests.conftest import no_compile_caches
 from tests.hf_utils import small_config
 
 transformers = pytest.importorskip("transformers")
@@ -183,6 +182,7 @@ ROUTED = {"llama": (7, 4), "qwen2": (7, 4), "gpt_neox": (4, 4)}
 
 
 @pytest.mark.parametrize("arch", sorted(ROUTED))
+@pytest.mark.usefixtures("no_compile_caches")  # a cached graph would skip the passes
 def test_compiled_step_routes_the_projections_to_small_mm(arch, monkeypatch):
     """bf16, ``compile=True``: the compiled forward's every projection (and the LM head) runs on
     `kvfuse.small_mm`, products of one input grouped into one launch; the logits and K/V stay within
@@ -201,7 +201,6 @@ def test_compiled_step_routes_the_projections_to_small_mm(arch, monkeypatch):
         return n
 
     monkeypatch.setattr(mod, "rewrite", spy)
-    no_compile_caches(monkeypatch)  # a cached graph would skip the passes
     # a vocabulary of a multiple of 8: inductor pads the LM head's matmul otherwise (on a GPU), which the
     # pass then leaves to cuBLAS
     model = _model(arch, device=dev, dtype=torch.bfloat16, vocab=128)
@@ -281,3 +280,49 @@ def test_a_model_that_does_not_pass_position_ids_is_refused_and_nothing_changes(
         assert _state(rows) == before[0]
         assert torch.equal(store.k_cache, before[1]) and torch.equal(store.v_cache, before[2])
         runner.close()
+
+
+@pytest.mark.usefixtures("no_compile_caches")
+def test_small_mm_on_a_trained_checkpoint(monkeypatch):
+    """A trained model (stories260K, a TinyStories Llama: dim 64, GQA 8 / 4 heads, a 172-wide MLP whose
+    down projection has a ragged K), bf16, two threads of a 11-token prompt: with ``compile=True`` the
+    projections on `kvfuse.small_mm` greedy-decode the same 12 tokens per thread as the same runner
+    with ``small_mm=False``, logits within bf16 rounding."""
+    import os
+
+    from kvfuse import small_mm as mod
+    from kvfuse.checkpoints import load_llama2c
+    from tests.test_checkpoint import PATH
+
+    if not os.path.exists(PATH):
+        pytest.skip("stories260K.bin not found beside the repository")
+    if not mod.available() or not (torch.cuda.is_available() or kvfuse.triton_kernels._common.interpreting()):
+        pytest.skip("the small_mm pass needs triton on a GPU (or TRITON_INTERPRET=1) and torch's inductor passes")
+    seen, real = [], mod.rewrite
+    monkeypatch.setattr(mod, "rewrite", lambda g, backend="triton": seen.append(real(g, backend)) or seen[-1])
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_llama2c(PATH)
+    model.config._attn_implementation = "kvfuse"
+    model = model.to(device=dev, dtype=torch.bfloat16)
+    store = kvfuse.PagedKVStore.from_hf(model.config, num_pages=64, page_size=8, dtype=torch.bfloat16, device=dev)
+    prompt = store.sequence()
+    hf.prefill(model, prompt, torch.tensor([[1, 461, 401, 378, 455, 473, 456, 435, 299, 362, 409]], device=dev))
+    paths = {}
+    for small in (True, False):
+        torch._dynamo.reset()
+        runner = DecodeGraphs(model, store, graphs=False, compile=True, small_mm=small)
+        rows = kvfuse.fork(prompt, 2)
+        tok = torch.tensor([[278], [365]], device=dev)
+        steps = []
+        for _ in range(12):
+            logits = runner.decode(rows, tok)[:, -1].float()
+            tok = logits.argmax(-1, keepdim=True)
+            steps.append((logits, tok))
+        paths[small] = steps
+        runner.close()
+        for r in rows:
+            r.release()
+    assert seen == [7 * model.config.num_hidden_layers + 1]  # every projection and the tied LM head
+    for (got, got_tok), (want, want_tok) in zip(paths[True], paths[False]):
+        assert torch.equal(got_tok, want_tok)
+        assert ((got - want).norm() / want.norm()).item() < 2e-2

@@ -7,7 +7,7 @@ import torch
 from kvfuse import _ops, reference
 from kvfuse.dispatch import BackendNotSupported, reasons_for
 from kvfuse.small_mm import rewrite, small_mm
-from tests.conftest import device_for, no_compile_caches, skip_unless_supported
+from tests.conftest import device_for, skip_unless_supported
 from tests.test_ops import OPCHECK
 
 
@@ -160,10 +160,10 @@ def _spy(monkeypatch):
         return n
 
     monkeypatch.setattr(mod, "rewrite", spy)
-    no_compile_caches(monkeypatch)  # a cached graph would skip the passes
     return seen
 
 
+@pytest.mark.usefixtures("no_compile_caches")  # a cached graph would skip the passes
 @pytest.mark.parametrize("rows, routed, qkv_bias", [(3, True, False), (3, True, True), (17, False, False)])
 def test_the_compile_pass_routes_few_row_projections(rows, routed, qkv_bias, monkeypatch):
     """torch.compile with `compile_pass`: five ``nn.Linear`` products of 3 rows become three launches
@@ -244,6 +244,7 @@ def test_rewrite_keeps_the_graph_in_order():
     _rewritten_equals(strided, x, y, w1, products=3)
 
 
+@pytest.mark.usefixtures("no_compile_caches")
 def test_compile_pass_runs_after_a_configured_pass(monkeypatch):
     """A post-grad pass already configured still runs, before kvfuse's (which still routes)."""
     dev = device_for("triton")
@@ -266,11 +267,10 @@ def test_compile_pass_runs_after_a_configured_pass(monkeypatch):
             return "theirs"
 
     seen = _spy(monkeypatch)
-    monkeypatch.setattr(cfg, "post_grad_custom_post_pass", Theirs())
     m = _Block().to(device=dev, dtype=torch.bfloat16)
     x = torch.randn(3, 1, 64, device=dev).to(torch.bfloat16)
     torch._dynamo.reset()
-    with torch.no_grad(), compile_pass():
+    with torch.no_grad(), cfg.patch(post_grad_custom_post_pass=Theirs()), compile_pass():
         got = torch.compile(m, fullgraph=True, dynamic=False)(x)
         want = m(x)
     if get_custom_graph_passes is None:  # a torch whose hook takes one pass: theirs only
