@@ -21,24 +21,26 @@ from torch import Tensor
 from kvfuse.dispatch import implementation
 
 
-def _traced(args) -> bool:
-    """Whether a call with these arguments must go through the registered op."""
+def _traced(args, lists: bool = False) -> bool:
+    """Whether a call with these arguments must go through the registered op (``lists``: look at the
+    tensors inside list arguments too)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return True
     grad = torch.is_grad_enabled()
-    flat = [x for a in args for x in (a if isinstance(a, (list, tuple)) else (a,))]  # small_mm's weight lists
-    return any(isinstance(a, Tensor) and (type(a) is not Tensor or (grad and a.requires_grad)) for a in flat)
+    if lists:
+        args = [x for a in args for x in (a if isinstance(a, (list, tuple)) else (a,))]
+    return any(isinstance(a, Tensor) and (type(a) is not Tensor or (grad and a.requires_grad)) for a in args)
 
 
-def _entry(op, fn, mutated: tuple[int, ...] = ()):
+def _entry(op, fn, mutated: tuple[int, ...] = (), lists: bool = False):
     """``fn`` directly in plain eager calls (bumping the version of the arguments it mutates, as the
-    registered op does), the registered ``op`` otherwise."""
+    registered op does), the registered ``op`` otherwise; ``lists``: some arguments are lists of tensors."""
 
     @functools.wraps(fn)
     def call(*args):
-        if _traced(args):
+        if _traced(args, lists):
             return call.op(*args)
         out = fn(*args)
         if mutated:
@@ -145,4 +147,4 @@ compose_copy_op = _entry(_compose_copy_op, _compose_copy, mutated=(0, 1))
 segment_attention_op = _entry(_segment_attention_op, _segment_attention)
 write_kv_op = _entry(_write_kv_op, _write_kv, mutated=(0, 1))
 merge_states_op = _entry(_merge_states_op, _merge_states)
-small_mm_op = _entry(_small_mm_op, _small_mm)
+small_mm_op = _entry(_small_mm_op, _small_mm, lists=True)
